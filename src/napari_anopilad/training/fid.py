@@ -1,0 +1,175 @@
+"""Fréchet Inception distance (FID) between two sets of patches, with Inception weights from a local file.
+
+The Inception v3 network is torchvision's ``inception_v3`` built with ``weights=None`` and filled from a
+state-dict file (loaded with ``weights_only=True``), e.g. torchvision's ImageNet checkpoint
+``inception_v3_google-0cc3c7bd.pth``. Nothing is downloaded. Features are the 2048 average-pooled
+activations before the classifier. Values from these weights are comparable with each other (checkpoint
+selection), not with FIDs published from the TensorFlow Inception graph that pytorch-fid ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torchvision.models import inception_v3
+
+INCEPTION_SIZE = 299
+FEATURE_DIM = 2048
+# ImageNet normalisation that torchvision's Inception weights expect before ``transform_input``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def feature_statistics(features: NDArray[np.floating]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Return the mean and the sample covariance (``ddof=1``) of features shaped ``(n, dim)``."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"FID needs features shaped (n >= 2, dim), got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(
+    mean_a: NDArray[np.floating],
+    covariance_a: NDArray[np.floating],
+    mean_b: NDArray[np.floating],
+    covariance_b: NDArray[np.floating],
+    eps: float = 1e-6,
+) -> float:
+    """Compute the Fréchet distance between two Gaussians.
+
+    ``|mean_a - mean_b|^2 + Tr(covariance_a + covariance_b - 2 (covariance_a covariance_b)^(1/2))``,
+    with the matrix square root from ``scipy.linalg.sqrtm``. When the product is singular (fewer
+    samples than dimensions), ``eps`` is added to both diagonals before the square root; the small
+    imaginary part that rounding leaves is dropped.
+    """
+    mean_a = np.atleast_1d(np.asarray(mean_a, dtype=np.float64))
+    mean_b = np.atleast_1d(np.asarray(mean_b, dtype=np.float64))
+    covariance_a = np.atleast_2d(np.asarray(covariance_a, dtype=np.float64))
+    covariance_b = np.atleast_2d(np.asarray(covariance_b, dtype=np.float64))
+    if mean_a.shape != mean_b.shape or covariance_a.shape != covariance_b.shape:
+        raise ValueError(
+            f"the two feature sets differ in dimension: means {mean_a.shape} and {mean_b.shape}, "
+            f"covariances {covariance_a.shape} and {covariance_b.shape}"
+        )
+
+    product_sqrt = scipy.linalg.sqrtm(covariance_a @ covariance_b)
+    if not np.isfinite(product_sqrt).all():
+        offset = np.eye(covariance_a.shape[0]) * eps
+        product_sqrt = scipy.linalg.sqrtm((covariance_a + offset) @ (covariance_b + offset))
+    if np.iscomplexobj(product_sqrt):
+        largest_imaginary = np.max(np.abs(np.diagonal(product_sqrt).imag))
+        if largest_imaginary > 1e-3:
+            raise ValueError(
+                f"the covariance product has a matrix square root with imaginary part {largest_imaginary:.3g}: "
+                "the features are degenerate; use more patches than feature dimensions"
+            )
+        product_sqrt = product_sqrt.real
+
+    mean_difference = mean_a - mean_b
+    return float(
+        mean_difference @ mean_difference
+        + np.trace(covariance_a)
+        + np.trace(covariance_b)
+        - 2.0 * np.trace(product_sqrt)
+    )
+
+
+def fid_from_features(features_a: NDArray[np.floating], features_b: NDArray[np.floating]) -> float:
+    """Compute the FID between two feature sets shaped ``(n, dim)``."""
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+class InceptionFeatures:
+    """Inception v3 pool features of RGB patches, with weights from a local state-dict file.
+
+    Parameters
+    ----------
+    weights_path
+        A ``.pth`` or ``.pt`` state dict of torchvision's ``Inception3`` (with or without the
+        auxiliary classifier), loaded with ``torch.load(..., weights_only=True)``.
+    device
+        Torch device to run on.
+    input_size
+        Side in pixels that patches are resized to. The weights were trained at 299; smaller sides
+        (75 at least) run faster and suit dry runs only.
+    """
+
+    def __init__(
+        self, weights_path: str | Path, device: str | torch.device = "cpu", input_size: int = INCEPTION_SIZE
+    ) -> None:
+        if input_size < 75:
+            raise ValueError(
+                f"input_size {input_size} is invalid: Inception v3 needs 75 px or more (299 by default)"
+            )
+        self.input_size = input_size
+        weights_path = Path(weights_path)
+        if not weights_path.is_file():
+            raise FileNotFoundError(
+                f"Inception weights {weights_path} not found: pass a local state-dict file of torchvision's "
+                "inception_v3 (e.g. inception_v3_google-0cc3c7bd.pth)"
+            )
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"Inception weights {weights_path} could not be loaded as a plain state dict: {error}"
+            ) from error
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"Inception weights {weights_path} hold a {type(state_dict).__name__}, not a state dict"
+            )
+
+        has_aux = any(key.startswith("AuxLogits.") for key in state_dict)
+        model = inception_v3(weights=None, aux_logits=has_aux, transform_input=True, init_weights=False)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"Inception weights {weights_path} do not match torchvision's inception_v3: {error}"
+            ) from error
+        model.fc = torch.nn.Identity()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: NDArray[np.uint8]) -> NDArray[np.float64]:
+        """Return the ``(n, 2048)`` pool features of uint8 RGB images shaped ``(n, height, width, 3)``."""
+        images_uint8 = np.asarray(images_uint8)
+        if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
+            raise ValueError(
+                f"images must be uint8 RGB shaped (n, height, width, 3), got {images_uint8.dtype} {images_uint8.shape}"
+            )
+        pixels = torch.from_numpy(images_uint8).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        pixels = F.interpolate(
+            pixels, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+        )
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        features = self.model((pixels - mean) / std)
+        return features.double().cpu().numpy()
+
+    def features_of(self, batches: Iterable[NDArray[np.uint8]]) -> NDArray[np.float64]:
+        """Return the features of all images in an iterable of uint8 batches, stacked."""
+        collected = [self(batch) for batch in batches]
+        if not collected:
+            return np.zeros((0, FEATURE_DIM))
+        return np.concatenate(collected, axis=0)
+
+
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Write the state dict of a randomly initialised ``inception_v3`` to ``path``.
+
+    For tests and dry runs only: FIDs from random weights are meaningless.
+    """
+    torch.manual_seed(seed)
+    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
