@@ -1,0 +1,695 @@
+"""Dock widget "Anomaly analysis": bundle, device and settings, and the analysis of the slide in view.
+
+The model runs in a napari ``thread_worker`` generator (:func:`analysis_worker`) that never touches Qt:
+it yields one message when the slide's grid and stored results are ready, then each finished batch.
+The GUI thread turns those into layer updates. Pans and zooms are debounced and re-queue the patches
+in view at the front.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from numpy.typing import NDArray
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_anopilad._reader import opened_slide
+from napari_anopilad.method.settings import SAMPLERS, InferenceSettings
+from napari_anopilad.widgets.layers import cells_in_box, viewer_camera, visible_box_level0
+from napari_anopilad.widgets.model import PatchAccumulator, SlideAnalysis, analyses_for, slide_metadata
+
+logger = logging.getLogger(__name__)
+
+# Pans and zooms within this many milliseconds of each other re-queue the view once.
+REQUEUE_DELAY_MS = 300
+DEFAULT_BATCH_SIZE = 8
+
+
+# -- messages from the worker --------------------------------------------------------------------
+
+
+@dataclass
+class AnalysisRequest:
+    """Everything the worker needs, captured on the GUI thread when the user starts an analysis."""
+
+    slide_path: str
+    bundle_folder: Path
+    device: str
+    overrides: dict[str, Any]
+    batch_size: int
+    whole_slide: bool
+    save_reconstructions: bool
+    visible_box_level0: tuple[float, float, float, float] | None
+    store_root: Path
+    load_only: bool = False
+
+
+@dataclass
+class Prepared:
+    """First message of a run: the patch grid, the store and what it already holds."""
+
+    slide: Any
+    bundle: Any
+    settings: InferenceSettings
+    grid: Any
+    store: Any
+    stored: Any
+    calibration: tuple[float, float] | None
+
+
+@dataclass
+class Started:
+    """The model is loaded and a session over ``n_total`` patches starts on ``device_name``."""
+
+    device_name: str
+    n_total: int
+    n_done: int
+
+
+@dataclass
+class AnalysisControl:
+    """Thread-safe link between the GUI thread and the running worker.
+
+    The GUI adds the cells that come into view, and the running session puts them at the front of its
+    queue at once. The worker reads the ones still pending when a session ends.
+    """
+
+    wanted: list[tuple[int, int]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    session: Any = None
+
+    def request_cells(self, cells: NDArray[np.integer]) -> None:
+        """Queue these cells first, in this order."""
+        cell_list = [(int(row), int(col)) for row, col in np.asarray(cells, dtype=np.int64).reshape(-1, 2)]
+        with self._lock:
+            known = set(self.wanted)
+            self.wanted.extend(cell for cell in cell_list if cell not in known)
+            session = self.session
+        if session is not None and cell_list:
+            session.prioritize(np.array(cell_list, dtype=np.int64))
+
+    def pending(self, done: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Return the requested cells not yet done, in the order they were requested."""
+        with self._lock:
+            return [cell for cell in self.wanted if cell not in done]
+
+    def stop(self) -> None:
+        """Stop the worker within one batch."""
+        self._stop.set()
+        with self._lock:
+            session = self.session
+        if session is not None:
+            session.cancel()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def set_session(self, session: Any) -> None:
+        with self._lock:
+            self.session = session
+
+
+class ModelCache:
+    """Loaded bundles and scorers, kept between runs so that a pan does not reload the model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bundles: dict[str, Any] = {}
+        self._scorers: dict[tuple[str, str, str], Any] = {}
+
+    def bundle(self, folder: Path) -> Any:
+        from napari_anopilad.method import load_bundle
+
+        key = str(Path(folder).resolve())
+        with self._lock:
+            if key not in self._bundles:
+                self._bundles[key] = load_bundle(folder)
+            return self._bundles[key]
+
+    def scorer(self, folder: Path, bundle: Any, device: Any, settings: InferenceSettings) -> Any:
+        from napari_anopilad.method import AnoPILaDScorer
+
+        key = (str(Path(folder).resolve()), str(device), settings.score_key())
+        with self._lock:
+            if key not in self._scorers:
+                # One model in memory at a time: a new setting or device replaces the old scorer.
+                self._scorers.clear()
+                self._scorers[key] = AnoPILaDScorer(bundle, device, settings)
+            return self._scorers[key]
+
+
+def analysis_worker(
+    request: AnalysisRequest, control: AnalysisControl, models: ModelCache
+) -> Generator[Any, None, None]:
+    """Run one analysis; yields :class:`Prepared`, :class:`Started`, then each ``BatchResult``.
+
+    Runs in a worker thread and never touches Qt or napari layers.
+    """
+    from napari_anopilad.engine.device import choose_device, describe_device
+    from napari_anopilad.engine.results import calibration_reference
+    from napari_anopilad.engine.session import AnalysisSession
+    from napari_anopilad.engine.store import ResultStore, grid_description
+    from napari_anopilad.slide import build_patch_grid
+
+    # 1. The slide's grid, the bundle and what the store already holds: shown before any model runs.
+    slide = opened_slide(request.slide_path)
+    bundle = models.bundle(request.bundle_folder)
+    settings = bundle.settings.with_overrides(**request.overrides)
+    grid = build_patch_grid(slide)
+    store = ResultStore(
+        request.store_root, slide.identity, bundle.identity, settings, grid=grid_description(grid)
+    )
+    calibration = calibration_reference(bundle, settings)
+    yield Prepared(slide, bundle, settings, grid, store, store.load(), calibration)
+    if request.load_only or control.stopped:
+        return
+
+    # 2. The model, and the cells in view first.
+    device = choose_device(request.device)
+    scorer = models.scorer(request.bundle_folder, bundle, device, settings)
+    tissue_cells = grid.tissue_cells()
+    if request.visible_box_level0 is not None:
+        visible = cells_in_box(request.visible_box_level0, grid.patch_size_level0, grid.shape, tissue_cells)
+        control.request_cells(visible)
+
+    # 3. Sessions: the whole slide in one, or the cells in view, again as long as new ones come into view.
+    while not control.stopped:
+        done = store.done_cells(need_reconstructions=request.save_reconstructions)
+        cells = tissue_cells if request.whole_slide else np.array(control.pending(done), dtype=np.int64)
+        if len(cells) == 0:
+            return
+        session = AnalysisSession(
+            slide,
+            grid,
+            scorer,
+            store,
+            cells=cells,
+            batch_size=request.batch_size,
+            save_reconstructions=request.save_reconstructions,
+            calibration=calibration,
+        )
+        control.set_session(session)
+        session.prioritize(np.array(control.pending(done), dtype=np.int64).reshape(-1, 2))
+        if session.n_remaining == 0:
+            return
+        yield Started(describe_device(device), session.n_total, session.n_done)
+        yield from session.run()
+        control.set_session(None)
+        if request.whole_slide:
+            return
+
+
+# -- the dock widget -----------------------------------------------------------------------------
+
+
+class AnalysisWidget(QWidget):
+    """Choose a bundle and settings, and analyse the slide in view or the whole slide.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer with the slide layer (opened by this plugin's reader).
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.analyses = analyses_for(napari_viewer)
+        self.models = ModelCache()
+        self.analysis: SlideAnalysis | None = None
+        self.worker: Any = None
+        self.control: AnalysisControl | None = None
+        self.request: AnalysisRequest | None = None
+        self.accumulator: PatchAccumulator | None = None
+        self.prepared: Prepared | None = None
+        self.progress_bar: Any = None
+        self.follow_view = False
+        self.device_name = ""
+        self._last_batch_time = 0.0
+        self._bundle_worker: Any = None
+
+        self._build_form()
+        self.requeue_timer = QTimer(self)
+        self.requeue_timer.setSingleShot(True)
+        self.requeue_timer.setInterval(REQUEUE_DELAY_MS)
+        self.requeue_timer.timeout.connect(self.requeue_visible)
+        camera = viewer_camera(self.viewer)
+        camera.events.center.connect(self._on_view_changed)
+        camera.events.zoom.connect(self._on_view_changed)
+        self.viewer.layers.events.inserted.connect(self._refresh_slide_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_slide_choices)
+        self._refresh_slide_choices()
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def _build_form(self) -> None:
+        defaults = InferenceSettings()
+
+        self.slide_choice = QComboBox()
+        self.bundle_edit = QLineEdit()
+        self.bundle_edit.setPlaceholderText("model bundle folder")
+        self.bundle_edit.editingFinished.connect(self._on_bundle_folder_set)
+        browse_button = QPushButton("Browse...")
+        browse_button.clicked.connect(self._browse_bundle)
+        self.demo_button = QPushButton("Make demo bundle")
+        self.demo_button.setToolTip(
+            "Build a tiny bundle with random weights to try the plugin (its scores mean nothing)"
+        )
+        self.demo_button.clicked.connect(self._make_demo_bundle)
+        bundle_row = QHBoxLayout()
+        bundle_row.addWidget(self.bundle_edit, stretch=1)
+        bundle_row.addWidget(browse_button)
+
+        self.device_choice = QComboBox()
+        self.device_choice.setEditable(True)
+        self.device_choice.addItems(_device_choices())
+        self.start_timestep = QSpinBox()
+        self.start_timestep.setRange(0, 999)
+        self.start_timestep.setValue(defaults.start_timestep)
+        self.start_timestep.setToolTip("Timestep the patch latent is noised to before denoising (of 1000)")
+        self.sampler_choice = QComboBox()
+        self.sampler_choice.addItems(list(SAMPLERS))
+        self.sampler_choice.setCurrentText(defaults.sampler)
+        self.guidance_scale = QDoubleSpinBox()
+        self.guidance_scale.setRange(1.0, 30.0)
+        self.guidance_scale.setSingleStep(0.5)
+        self.guidance_scale.setValue(defaults.guidance_scale)
+        self.guidance_scale.setToolTip("Classifier-free guidance scale; 1 skips the unconditional pass")
+        self.batch_size = QSpinBox()
+        self.batch_size.setRange(1, 512)
+        self.batch_size.setValue(DEFAULT_BATCH_SIZE)
+        self.save_reconstructions = QCheckBox("Store reconstructions")
+        self.save_reconstructions.setToolTip(
+            "Keep every reconstructed patch on disk for the inspector; otherwise it recomputes one on demand"
+        )
+
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_choice)
+        form.addRow("Bundle", bundle_row)
+        form.addRow("", self.demo_button)
+        form.addRow("Device", self.device_choice)
+        form.addRow("Start timestep", self.start_timestep)
+        form.addRow("Sampler", self.sampler_choice)
+        form.addRow("Guidance scale", self.guidance_scale)
+        form.addRow("Batch size", self.batch_size)
+        form.addRow("", self.save_reconstructions)
+
+        self.visible_button = QPushButton("Analyse visible region")
+        self.whole_button = QPushButton("Analyse whole slide")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.visible_button.clicked.connect(lambda: self.start_analysis(whole_slide=False))
+        self.whole_button.clicked.connect(lambda: self.start_analysis(whole_slide=True))
+        self.stop_button.clicked.connect(self.stop)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.visible_button)
+        buttons.addWidget(self.whole_button)
+        buttons.addWidget(self.stop_button)
+
+        self.demo_label = QLabel("DEMO bundle: random weights, the heatmap means nothing")
+        self.demo_label.setStyleSheet("color: black; background: #ffcc00; font-weight: bold; padding: 2px;")
+        self.demo_label.setVisible(False)
+        self.status_label = QLabel("Open a slide with this plugin's reader and choose a bundle.")
+        self.status_label.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.demo_label)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+    # -- slide and bundle choice -----------------------------------------------------------------
+
+    def _slide_layers(self) -> list[Any]:
+        return [layer for layer in self.viewer.layers if slide_metadata(layer) is not None]
+
+    def _refresh_slide_choices(self, event: Any = None) -> None:
+        current = self.slide_choice.currentText()
+        names = [layer.name for layer in self._slide_layers()]
+        self.slide_choice.blockSignals(True)
+        self.slide_choice.clear()
+        self.slide_choice.addItems(names)
+        if current in names:
+            self.slide_choice.setCurrentText(current)
+        self.slide_choice.blockSignals(False)
+
+        # Stored results of a newly opened slide show at once when a bundle is chosen.
+        inserted = getattr(event, "value", None) if event is not None and event.type == "inserted" else None
+        if inserted is not None and slide_metadata(inserted) is not None and self.worker is None:
+            self.slide_choice.setCurrentText(inserted.name)
+            if self.bundle_edit.text().strip():
+                self.show_stored_results()
+
+    def slide_layer(self) -> Any:
+        """Return the chosen slide layer, or None."""
+        name = self.slide_choice.currentText()
+        for layer in self._slide_layers():
+            if layer.name == name:
+                return layer
+        return None
+
+    def _browse_bundle(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Choose a model bundle folder", self.bundle_edit.text()
+        )
+        if folder:
+            self.set_bundle_folder(folder)
+
+    def set_bundle_folder(self, folder: str | Path) -> None:
+        """Choose the bundle folder and load its settings as the form's defaults (in a worker thread)."""
+        self.bundle_edit.setText(str(folder))
+        self._on_bundle_folder_set()
+
+    def _on_bundle_folder_set(self) -> None:
+        text = self.bundle_edit.text().strip()
+        if not text:
+            return
+        folder = Path(text).expanduser()
+        worker = thread_worker(self.models.bundle, start_thread=False)(folder)
+        worker.returned.connect(self._apply_bundle_defaults)
+        worker.errored.connect(lambda error: show_error(f"Could not load the bundle {folder}: {error}"))
+        self._bundle_worker = worker
+        self.status_label.setText(f"Loading the bundle {folder}...")
+        worker.start()
+
+    def _apply_bundle_defaults(self, bundle: Any) -> None:
+        settings: InferenceSettings = bundle.settings
+        self.start_timestep.setValue(settings.start_timestep)
+        self.sampler_choice.setCurrentText(settings.sampler)
+        self.guidance_scale.setValue(settings.guidance_scale)
+        self.demo_label.setVisible(bool(getattr(bundle, "demo", False)))
+        kind = "DEMO bundle" if getattr(bundle, "demo", False) else "Bundle"
+        self.status_label.setText(f"{kind} loaded: {self.bundle_edit.text()}")
+        if self.slide_layer() is not None and self.worker is None:
+            self.show_stored_results()
+
+    def _make_demo_bundle(self) -> None:
+        from napari_anopilad.engine.store import default_store_root
+
+        folder = default_store_root().parent / "demo-bundle"
+
+        def build() -> Path:
+            from napari_anopilad.method import make_demo_bundle
+
+            return Path(make_demo_bundle(folder))
+
+        worker = thread_worker(build, start_thread=False)()
+        worker.returned.connect(self.set_bundle_folder)
+        worker.errored.connect(
+            lambda error: show_error(f"Could not build the demo bundle in {folder}: {error}")
+        )
+        self.status_label.setText(f"Building a demo bundle in {folder}...")
+        self._bundle_worker = worker
+        worker.start()
+
+    def settings_overrides(self) -> dict[str, Any]:
+        """Return the form's inference settings that override the bundle's."""
+        return {
+            "start_timestep": int(self.start_timestep.value()),
+            "sampler": self.sampler_choice.currentText(),
+            "guidance_scale": float(self.guidance_scale.value()),
+        }
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def _make_request(self, whole_slide: bool, load_only: bool = False) -> AnalysisRequest | None:
+        from napari_anopilad.engine.store import default_store_root
+
+        layer = self.slide_layer()
+        if layer is None:
+            show_error(
+                "Open a slide with the napari-anopilad reader first (File > Open, or the sample data)."
+            )
+            return None
+        folder_text = self.bundle_edit.text().strip()
+        if not folder_text:
+            show_error("Choose a model bundle folder, or make a demo bundle, before analysing.")
+            return None
+        metadata = slide_metadata(layer)
+        assert metadata is not None
+        box = None
+        try:
+            box = visible_box_level0(self.viewer, tuple(layer.level_shapes[0][:2]))
+        except (AttributeError, ValueError) as error:
+            logger.warning("Could not compute the region in view: %s", error)
+        return AnalysisRequest(
+            slide_path=metadata["path"],
+            bundle_folder=Path(folder_text).expanduser(),
+            device=self.device_choice.currentText(),
+            overrides=self.settings_overrides(),
+            batch_size=int(self.batch_size.value()),
+            whole_slide=whole_slide,
+            save_reconstructions=self.save_reconstructions.isChecked(),
+            visible_box_level0=box,
+            store_root=default_store_root(),
+            load_only=load_only,
+        )
+
+    def start_analysis(self, whole_slide: bool) -> None:
+        """Analyse the patches in view (and those that come into view), or the whole slide, in view first."""
+        if self.worker is not None:
+            show_info("An analysis is running: press Stop first.")
+            return
+        request = self._make_request(whole_slide)
+        if request is None:
+            return
+        self.follow_view = not whole_slide
+        self._start_worker(request)
+
+    def show_stored_results(self) -> None:
+        """Show what the result store holds for the chosen slide, bundle and settings, without running."""
+        request = self._make_request(whole_slide=False, load_only=True)
+        if request is not None and self.worker is None:
+            self._start_worker(request)
+
+    def _start_worker(self, request: AnalysisRequest) -> None:
+        self.request = request
+        self.control = AnalysisControl()
+        worker = thread_worker(analysis_worker, start_thread=False)(request, self.control, self.models)
+        worker.yielded.connect(self._on_message)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._set_running(not request.load_only)
+        self.status_label.setText("Reading the slide's tissue and the stored results...")
+        worker.start()
+
+    def stop(self) -> None:
+        """Stop the analysis within one batch; finished batches stay in the result store."""
+        self.follow_view = False
+        if self.control is not None:
+            self.control.stop()
+        if self.worker is not None:
+            self.status_label.setText("Stopping after the current batch...")
+
+    def _set_running(self, running: bool) -> None:
+        self.visible_button.setEnabled(not running)
+        self.whole_button.setEnabled(not running)
+        self.stop_button.setEnabled(running or self.follow_view)
+
+    # -- messages on the GUI thread --------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, Prepared):
+            self._on_prepared(message)
+        elif isinstance(message, Started):
+            self._on_started(message)
+        else:
+            self._on_batch(message)
+
+    def _on_prepared(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        layer = self.slide_layer()
+        analysis = self.analysis
+        same = (
+            analysis is not None
+            and analysis.slide_layer is layer
+            and analysis.grid_shape == tuple(prepared.grid.shape)
+            and analysis.store is not None
+            and analysis.store.folder == prepared.store.folder
+        )
+        if not same:
+            if analysis is not None:
+                analysis.remove_layers()
+            analysis = SlideAnalysis(self.viewer, layer, prepared.slide, prepared.grid)
+            self.analysis = analysis
+        assert analysis is not None
+        analysis.store = prepared.store
+        analysis.demo = bool(getattr(prepared.bundle, "demo", False))
+        analysis.reconstructor = self._make_reconstructor(prepared)
+        self.demo_label.setVisible(analysis.demo)
+        self.accumulator = PatchAccumulator(prepared.stored)
+        self.viewer.layers.selection.active = layer
+        self.analyses.set_current(analysis)
+        self._update_results()
+        n_stored = len(self.accumulator)
+        self.status_label.setText(f"{n_stored} patches of {layer.name} were already in the result store.")
+
+    def _on_started(self, started: Started) -> None:
+        self.device_name = started.device_name
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        self.progress_bar = progress(total=started.n_total, desc="AnoPILaD patches")
+        self.progress_bar.update(started.n_done)
+        self._last_batch_time = time.perf_counter()
+        self.status_label.setText(
+            f"Analysing {started.n_total - started.n_done} patches on {started.device_name}..."
+        )
+
+    def _on_batch(self, result: Any) -> None:
+        assert self.accumulator is not None and self.request is not None
+        self.accumulator.add_batch(result.cells, result.scores, self.request.save_reconstructions)
+        self._update_results()
+        if self.progress_bar is not None:
+            self.progress_bar.update(max(result.n_done - self.progress_bar.n, 0))
+        demo = "DEMO bundle, " if self.analysis is not None and self.analysis.demo else ""
+        self.status_label.setText(
+            f"{result.n_done} / {result.n_total} patches done, {result.patches_per_s:.2f} patches/s, "
+            f"{demo}{self.device_name}, batch size {result.batch_size}"
+        )
+
+    def _update_results(self) -> None:
+        from napari_anopilad.engine.results import compute_slide_results
+
+        prepared = self.prepared
+        if self.analysis is None or self.accumulator is None or prepared is None:
+            return
+        results = compute_slide_results(
+            self.accumulator.to_stored(),
+            prepared.grid,
+            bundle=prepared.bundle,
+            threshold=self.analysis.threshold,
+            settings=prepared.settings,
+        )
+        self.analysis.show_results(results)
+
+    def _on_error(self, error: BaseException) -> None:
+        logger.error("Analysis failed", exc_info=error)
+        show_error(f"The analysis failed: {error}")
+        self.follow_view = False
+
+    def _on_finished(self) -> None:
+        stopped = self.control is not None and self.control.stopped
+        self.worker = None
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+            self.progress_bar = None
+        self._set_running(False)
+        if self.request is not None and not self.request.load_only:
+            done = len(self.accumulator) if self.accumulator is not None else 0
+            state = "Stopped" if stopped else "Finished"
+            follow = " Pan or zoom to analyse more of the slide." if self.follow_view else ""
+            self.status_label.setText(f"{state}: {done} patches of this slide analysed.{follow}")
+
+    # -- the view --------------------------------------------------------------------------------
+
+    def _on_view_changed(self, event: Any = None) -> None:
+        if self.worker is not None or self.follow_view:
+            self.requeue_timer.start()
+
+    def requeue_visible(self) -> None:
+        """Queue the tissue patches in view first; in visible-region mode, analyse new ones."""
+        prepared = self.prepared
+        layer = self.slide_layer()
+        if (
+            prepared is None
+            or layer is None
+            or (self.analysis is not None and self.analysis.slide_layer is not layer)
+        ):
+            return
+        box = visible_box_level0(self.viewer, tuple(layer.level_shapes[0][:2]))
+        cells = cells_in_box(
+            box, prepared.grid.patch_size_level0, prepared.grid.shape, prepared.grid.tissue_cells()
+        )
+        if self.worker is not None and self.control is not None:
+            self.control.request_cells(cells)
+            return
+        if self.follow_view and self.request is not None and self.accumulator is not None:
+            done = set(
+                zip(self.accumulator.to_stored().rows.tolist(), self.accumulator.to_stored().cols.tolist())
+            )
+            if any((int(row), int(col)) not in done for row, col in cells):
+                request = self.request
+                request.visible_box_level0 = box
+                request.load_only = False
+                self._start_worker(request)
+
+    # -- on-demand reconstruction ----------------------------------------------------------------
+
+    def _make_reconstructor(self, prepared: Prepared) -> Any:
+        request = self.request
+        assert request is not None
+        models = self.models
+        slide_identity = prepared.slide.identity
+        accumulator_owner = self
+
+        def reconstruct(row: int, col: int, patch: NDArray[np.uint8]) -> NDArray[np.uint8]:
+            # Runs in a worker thread: loads the scorer if needed, scores the one patch with its own
+            # seeded noise (so the scores match the stored ones) and stores the reconstruction.
+            from napari_anopilad.engine.device import choose_device
+
+            device = choose_device(request.device)
+            scorer = models.scorer(request.bundle_folder, prepared.bundle, device, prepared.settings)
+            scores = scorer.score(
+                patch[np.newaxis], noise_keys=[(slide_identity, row, col)], return_reconstructions=True
+            )
+            image = np.asarray(scores.reconstructions[0], dtype=np.uint8)
+            prompts = getattr(scores, "prompts", None)
+            prepared.store.write_batch(
+                [(row, col)],
+                lpips=scores.lpips,
+                mse_latent=scores.mse_latent,
+                keywords=scores.keywords,
+                similarities=scores.similarities,
+                weights=scores.weights,
+                prompts=prompts if prompts is not None else scores.prompt,
+                reconstructions=image[np.newaxis],
+            )
+            accumulator = accumulator_owner.accumulator
+            if accumulator is not None:
+                accumulator.mark_reconstructed(row, col)
+            return image
+
+        return reconstruct
+
+    def closeEvent(self, event: Any) -> None:
+        self.stop()
+        super().closeEvent(event)
+
+
+def _device_choices() -> list[str]:
+    choices = ["auto", "cpu"]
+    try:
+        import torch
+
+        choices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return choices
