@@ -1,6 +1,6 @@
 """Write and read the z-score heatmap as a float32 TIFF with its level-0 placement.
 
-One TIFF pixel is one patch cell. The ImageDescription tag holds a JSON object with the placement
+One TIFF pixel is one patch cell. The ImageDescription tag contains a JSON object with the placement
 (``origin_level0``, ``patch_size_level0``) and any extra metadata. When the slide's microns per
 pixel are known, the resolution tags give the cell size, so image viewers show physical units.
 """

@@ -111,6 +111,9 @@ def mask_to_polygons(
     collinear vertices are dropped. Exterior rings have negative signed area in image coordinates
     (counter-clockwise on screen, y down) and holes positive, as QuPath exports them.
 
+    NOTE: read with y pointing up, as RFC 7946 does, exteriors are clockwise, the opposite of its
+    right-hand rule. The RFC asks parsers not to reject such polygons, and QuPath does not.
+
     Parameters
     ----------
     mask : array_like of bool
@@ -180,10 +183,11 @@ def regions_feature_collection(
 ) -> dict[str, Any]:
     """Build a GeoJSON FeatureCollection of annotation objects that QuPath imports.
 
-    Each feature carries QuPath's object type both as the legacy id ``PathAnnotationObject`` and as
-    ``objectType`` ("annotation"), a ``classification`` with a name and
-    colour, a ``name`` with the region's Z_max, and ``measurements`` as a list of ``{"name", "value"}``
-    pairs, the form that QuPath 0.2 and 0.3 read and that 0.4 and later still accept.
+    Each feature carries QuPath's object type twice: as the legacy id ``PathAnnotationObject`` and as
+    ``objectType`` ("annotation"). It also has a ``classification`` with a name and colour, and a
+    ``name`` with the region's Z_max. ``measurements`` is a list of ``{"name", "value"}`` pairs, the
+    form that QuPath 0.2 and 0.3 read and that 0.4 and later still accept (QuPath's
+    PathObjectTypeAdapters).
 
     Parameters
     ----------
@@ -276,7 +280,7 @@ def write_regions_geojson(
 
 
 def region_z_max(mask: ArrayLike, eroded: ArrayLike) -> list[float]:
-    """Return the maximum eroded z-score of each 4-connected region of a mask.
+    """Compute the maximum eroded z-score of each 4-connected region of a mask.
 
     The order matches `mask_to_polygons` on the same mask.
     """
