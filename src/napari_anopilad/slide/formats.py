@@ -77,6 +77,11 @@ def _is_reduced_copy(level0: tifffile.TiffPageSeries, candidate: tifffile.TiffPa
 
 def _associated_name(series: tifffile.TiffPageSeries, index: int) -> str:
     """Name an associated image from its series name or page description, else ``image<index>``."""
+    ndpi_magnification = series.keyframe.tags.valueof(65421)
+    if ndpi_magnification == -1.0:
+        return "macro"
+    if ndpi_magnification == -2.0:
+        return "map"
     for text in (series.name, series.keyframe.description):
         words = text.strip().lower().split()
         if words and words[0] in _ASSOCIATED_NAMES:
@@ -112,6 +117,12 @@ def _split_levels(
             levels.append(series)
         else:
             others.append(series)
+    # NDPI marks the macro and map images with a negative Magnification tag; tifffile can take a
+    # macro for a pyramid level when its size happens to fit.
+    for level in levels[1:]:
+        if (level.keyframe.tags.valueof(65421) or 0) < 0:
+            levels.remove(level)
+            others.append(level)
     levels.sort(key=area, reverse=True)
     return levels, others
 
@@ -132,7 +143,8 @@ def check_pixel_layout(series: tifffile.TiffPageSeries, path: Path) -> None:
             "can be analysed, so convert it to 8-bit RGB first"
         )
     if series.axes[-3:] != "YXS" or series.shape[-1] not in (3, 4):
-        if series.axes.endswith("YX") or (series.axes.endswith("YXS") and series.shape[-1] == 1):
+        samples = series.shape[series.axes.index("S")] if "S" in series.axes else 1
+        if samples == 1:
             kind = "grayscale or single-channel"
         else:
             kind = "not interleaved RGB"

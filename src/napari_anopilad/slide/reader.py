@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 import threading
 import weakref
 from pathlib import Path
@@ -36,7 +37,7 @@ _IDENTITY_BLOCK_BYTES = 64 * 1024
 _IDENTITY_MIDDLE_BLOCKS = 16
 
 # Errors that tifffile, imagecodecs and zarr raise for unreadable or corrupt image data.
-_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError)
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError, struct.error)
 
 RGBImage = NDArray[np.uint8]
 
@@ -396,7 +397,7 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
 
     try:
         tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, OSError, ValueError) as error:
+    except (tifffile.TiffFileError, *_READ_ERRORS) as error:
         raise SlideError(
             f"{path}: not a readable TIFF whole-slide image ({error}); open an SVS, NDPI, Philips TIFF, "
             "OME-TIFF or tiled TIFF file"
