@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -106,11 +107,24 @@ def test_invalid_mpp_override_rejected(cmu_slide_path: Path) -> None:
 
 def test_ome_subifd_pyramid(tmp_path: Path, real_pixels: np.ndarray) -> None:
     path = tmp_path / "pyramid.ome.tif"
-    metadata = {"PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"}
+    metadata = {
+        "PhysicalSizeX": 0.25,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": 0.25,
+        "PhysicalSizeYUnit": "µm",
+    }
     with tifffile.TiffWriter(path) as writer:
-        writer.write(real_pixels, tile=(128, 128), photometric="rgb", compression="zlib", subifds=2, metadata=metadata)
+        writer.write(
+            real_pixels, tile=(128, 128), photometric="rgb", compression="zlib", subifds=2, metadata=metadata
+        )
         for factor in (2, 4):
-            writer.write(reduce(real_pixels, factor), tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1)
+            writer.write(
+                reduce(real_pixels, factor),
+                tile=(128, 128),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=1,
+            )
 
     with open_slide(path) as slide:
         assert slide.format == "ome-tiff"
@@ -131,7 +145,9 @@ def test_ome_units_and_objective(tmp_path: Path, real_pixels: np.ndarray) -> Non
         '<Channel ID="Channel:0:0" SamplesPerPixel="3"/><TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>'
     )
     path = tmp_path / "units.ome.tif"
-    tifffile.imwrite(path, real_pixels, tile=(128, 128), photometric="rgb", description=ome_xml, metadata=None)
+    tifffile.imwrite(
+        path, real_pixels, tile=(128, 128), photometric="rgb", description=ome_xml, metadata=None
+    )
     with open_slide(path) as slide:
         assert slide.format == "ome-tiff"
         assert slide.mpp == pytest.approx((0.25 + 0.26) / 2)
@@ -234,7 +250,9 @@ def test_philips_tiff(tmp_path: Path, real_pixels: np.ndarray) -> None:
             description=philips_description([0.00025, 0.0005]),
             metadata=None,
         )
-        writer.write(reduce(real_pixels, 2), tile=(128, 128), photometric="rgb", compression="jpeg", metadata=None)
+        writer.write(
+            reduce(real_pixels, 2), tile=(128, 128), photometric="rgb", compression="jpeg", metadata=None
+        )
         writer.write(real_pixels[:80, :120], photometric="rgb", description="Macro", metadata=None)
         writer.write(real_pixels[:60, :60], photometric="rgb", description="Label", metadata=None)
     with open_slide(path) as slide:
@@ -261,11 +279,21 @@ def test_philips_tiff(tmp_path: Path, real_pixels: np.ndarray) -> None:
     ],
 )
 def test_resolution_tags(
-    tmp_path: Path, real_pixels: np.ndarray, resolution: tuple[int, int], unit: str, expected_mpp: float | None
+    tmp_path: Path,
+    real_pixels: np.ndarray,
+    resolution: tuple[int, int],
+    unit: str,
+    expected_mpp: float | None,
 ) -> None:
     path = tmp_path / "resolution.tif"
     tifffile.imwrite(
-        path, real_pixels, tile=(128, 128), photometric="rgb", resolution=resolution, resolutionunit=unit, metadata=None
+        path,
+        real_pixels,
+        tile=(128, 128),
+        photometric="rgb",
+        resolution=resolution,
+        resolutionunit=unit,
+        metadata=None,
     )
     with open_slide(path) as slide:
         if expected_mpp is None:
@@ -276,7 +304,9 @@ def test_resolution_tags(
 
 def test_plain_72_dpi_strip_tiff(tmp_path: Path, real_pixels: np.ndarray) -> None:
     path = tmp_path / "photo.tif"
-    tifffile.imwrite(path, real_pixels, photometric="rgb", rowsperstrip=50, resolution=(72, 72), metadata=None)
+    tifffile.imwrite(
+        path, real_pixels, photometric="rgb", rowsperstrip=50, resolution=(72, 72), metadata=None
+    )
     with open_slide(path) as slide:
         assert slide.mpp is None
         assert len(slide.levels) == 1
@@ -299,7 +329,7 @@ def test_large_untiled_tiff_rejected(tmp_path: Path) -> None:
 
 
 def test_rgba_composited_over_white(tmp_path: Path, real_pixels: np.ndarray) -> None:
-    alpha = np.full(real_pixels.shape[:2] + (1,), 255, dtype=np.uint8)
+    alpha = np.full((*real_pixels.shape[:2], 1), 255, dtype=np.uint8)
     alpha[:100] = 0
     alpha[100:200] = 128
     rgba = np.concatenate([real_pixels, alpha], axis=-1)
@@ -326,7 +356,9 @@ def test_rgba_composited_over_white(tmp_path: Path, real_pixels: np.ndarray) -> 
         (np.zeros((300, 300, 4), dtype=np.uint8), "separated", "colour space is not RGB"),
     ],
 )
-def test_unsupported_pixels_explained(tmp_path: Path, pixels: np.ndarray, photometric: str, message: str) -> None:
+def test_unsupported_pixels_explained(
+    tmp_path: Path, pixels: np.ndarray, photometric: str, message: str
+) -> None:
     path = tmp_path / "unsupported.tif"
     tifffile.imwrite(path, pixels, tile=(128, 128), photometric=photometric, metadata=None)
     with pytest.raises(SlideError, match=message) as error:
@@ -362,7 +394,9 @@ def test_truncated_file(tmp_path: Path, cmu_slide_path: Path) -> None:
     path = tmp_path / "cut.svs"
     # Keep the header and IFDs but lose the end of the tile data.
     with tifffile.TiffFile(cmu_slide_path) as tif:
-        last_tile_end = max(o + c for o, c in zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts, strict=True))
+        last_tile_end = max(
+            o + c for o, c in zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts, strict=True)
+        )
     path.write_bytes(data[: last_tile_end - 5000])
     with pytest.raises(SlideError, match="truncated") as error:
         open_slide(path)
@@ -374,6 +408,18 @@ def test_file_cut_before_ifds(tmp_path: Path, cmu_slide_path: Path) -> None:
     path.write_bytes(cmu_slide_path.read_bytes()[:6])
     with pytest.raises(SlideError, match=str(path.name)):
         open_slide(path)
+
+
+def test_file_cut_before_first_ifd(
+    tmp_path: Path, cmu_slide_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The CMU slide's first IFD follows its tile data, so a cut at 500 kB loses every IFD.
+    path = tmp_path / "no-ifd.svs"
+    path.write_bytes(cmu_slide_path.read_bytes()[:500_000])
+    with caplog.at_level(logging.WARNING), pytest.raises(SlideError, match="truncated or corrupt"):
+        open_slide(path)
+    # tifffile's own warning is demoted to a debug message, so the error stays the only output.
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def test_corrupt_tile_raises_slide_error(tmp_path: Path, real_pixels: np.ndarray) -> None:
@@ -433,7 +479,11 @@ def test_thumbnail_size_and_content(cmu_slide_path: Path) -> None:
 def test_identity_stable_across_copies(tmp_path: Path, cmu_slide_path: Path, tcga_slide_path: Path) -> None:
     copy = tmp_path / "renamed.svs"
     shutil.copyfile(cmu_slide_path, copy)
-    with open_slide(cmu_slide_path) as original, open_slide(copy) as copied, open_slide(tcga_slide_path) as other:
+    with (
+        open_slide(cmu_slide_path) as original,
+        open_slide(copy) as copied,
+        open_slide(tcga_slide_path) as other,
+    ):
         assert original.identity == copied.identity
         assert original.identity != other.identity
         assert len(original.identity) == 32

@@ -6,12 +6,15 @@ through tifffile's zarr store, so only the tiles a read touches are decoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import struct
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +43,33 @@ _IDENTITY_MIDDLE_BLOCKS = 16
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError, struct.error)
 
 RGBImage = NDArray[np.uint8]
+
+logger = logging.getLogger(__name__)
+
+
+class _DemoteToDebug(logging.Filter):
+    """Re-log tifffile's records as debug messages of this module and drop the originals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger.debug("tifffile %s: %s", record.levelname.lower(), record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Keep tifffile's parser warnings off the console while a slide opens.
+
+    A file that tifffile warns about either opens correctly or fails with a SlideError that says
+    what is wrong, so the warnings would only add noise lines before the error. They remain
+    visible with debug logging (``anopilad -v``).
+    """
+    tifffile_logger = logging.getLogger("tifffile")
+    demote = _DemoteToDebug()
+    tifffile_logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        tifffile_logger.removeFilter(demote)
 
 
 def composite_over_white(rgba: NDArray[np.uint8]) -> RGBImage:
@@ -395,6 +425,11 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     if not path.is_file():
         raise SlideError(f"{path}: not a file; give the path of a slide file")
 
+    with _quiet_tifffile():
+        return _open_tiff_slide(path, mpp)
+
+
+def _open_tiff_slide(path: Path, mpp: float | None) -> Slide:
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, *_READ_ERRORS) as error:
@@ -402,6 +437,13 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
             f"{path}: not a readable TIFF whole-slide image ({error}); open an SVS, NDPI, Philips TIFF, "
             "OME-TIFF or tiled TIFF file"
         ) from error
+
+    if len(tif.pages) == 0:
+        tif.close()
+        raise SlideError(
+            f"{path}: the TIFF has no readable image directory, so the file is truncated or corrupt; "
+            "copy or download the slide again"
+        )
 
     # The file handle closes when the TiffFile is garbage-collected, which happens only after the
     # slide and every level array that reads through it are gone.
