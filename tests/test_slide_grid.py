@@ -98,8 +98,8 @@ def test_cmu_grid_reads_natively(cmu_slide_path: Path, cmu_mask: TissueMask) -> 
 
 
 def test_grid_from_coarser_level(tcga_slide_path: Path) -> None:
-    # At 0.25 um/px a 20x patch is 512 level-0 pixels; level 1 (downsample 2.0005, 0.50 um/px)
-    # is the coarsest level still within 10% of 0.5 um/px.
+    # At 0.25 um/px a 20x patch is 512 level-0 pixels. Level 1 (downsample 2.0005, 0.50 um/px)
+    # is the coarsest level within 10% of 0.5 um/px, so patches come from there.
     with open_slide(tcga_slide_path, mpp=0.25) as slide:
         grid = build_patch_grid(slide, tissue_mask=full_mask(10, 10))
     assert grid.patch_size_level0 == 512

@@ -4,7 +4,7 @@ tifffile recognises the vendor layouts (Aperio SVS, Hamamatsu NDPI, Philips TIFF
 and groups their pages into series with levels. This module picks the main series, adds
 pages that tifffile left as separate series but that are reduced copies of the main image
 (a generic TIFF pyramid with an unusual downsample), names the associated images, and checks
-that every level holds 8-bit RGB or RGBA pixels.
+that every level contains 8-bit RGB or RGBA pixels.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def _split_levels(
             levels.append(series)
         else:
             others.append(series)
-    # NDPI marks the macro and map images with a negative Magnification tag; tifffile can take a
-    # macro for a pyramid level when its size happens to fit.
+    # NDPI marks the macro and map images with a negative Magnification tag. tifffile takes a
+    # macro for a pyramid level when its size happens to fit a downsample step.
     for level in levels[1:]:
         if (level.keyframe.tags.valueof(65421) or 0) < 0:
             levels.remove(level)
@@ -134,7 +134,7 @@ def _describe_pixels(series: tifffile.TiffPageSeries) -> str:
 
 
 def check_pixel_layout(series: tifffile.TiffPageSeries, path: Path) -> None:
-    """Raise SlideError unless the series holds 8-bit interleaved RGB or RGBA pixels."""
+    """Raise SlideError unless the series contains 8-bit interleaved RGB or RGBA pixels."""
     what = _describe_pixels(series)
     if series.dtype != np.uint8:
         bits = series.dtype.itemsize * 8
@@ -186,7 +186,9 @@ def read_layout(tif: tifffile.TiffFile, path: Path) -> SlideLayout:
     slide_format = detect_format(tif)
     levels, others = _split_levels(tif)
     if not levels:
-        raise SlideError(f"{path}: the TIFF holds no 2-D image; open a whole-slide image instead")
+        raise SlideError(
+            f"{path}: the TIFF contains no 2-D image, so it is not a whole-slide image; open a slide file instead"
+        )
     for level in levels:
         check_pixel_layout(level, path)
 

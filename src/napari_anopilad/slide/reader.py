@@ -59,9 +59,8 @@ class _DemoteToDebug(logging.Filter):
 def _quiet_tifffile() -> Iterator[None]:
     """Keep tifffile's parser warnings off the console while a slide opens.
 
-    A file that tifffile warns about either opens correctly or fails with a SlideError that says
-    what is wrong, so the warnings would only add noise lines before the error. They remain
-    visible with debug logging (``anopilad -v``).
+    A bad file then prints only the SlideError line. The warnings are re-logged as debug
+    messages, visible with ``anopilad -v``.
     """
     tifffile_logger = logging.getLogger("tifffile")
     demote = _DemoteToDebug()
@@ -415,7 +414,7 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     Raises
     ------
     SlideError
-        When the file is missing, not a TIFF slide, truncated, or holds pixels other than 8-bit RGB(A).
+        When the file is missing, not a TIFF slide, truncated, or contains pixels other than 8-bit RGB(A).
     """
     path = Path(path)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):

@@ -1,8 +1,8 @@
 """Resize RGB images with area averaging (downscaling) or bilinear interpolation (upscaling).
 
 Both are separable linear maps built as sparse matrices, one per axis, so a resize is two
-sparse-dense products in float32: faster than a Gaussian prefilter plus spline zoom on large
-thumbnails, and free of aliasing when downscaling by any factor, integer or not.
+sparse-dense products in float32. That is faster than a Gaussian prefilter plus spline zoom on
+large thumbnails, and area averaging does not alias at any downscaling factor, integer or not.
 """
 
 from __future__ import annotations

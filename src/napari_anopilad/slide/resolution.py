@@ -10,7 +10,7 @@ import tifffile
 # TIFF ResolutionUnit values (TIFF 6.0): 1 no absolute unit, 2 inch, 3 centimetre.
 _MICRONS_PER_RESOLUTION_UNIT = {2: 25_400.0, 3: 10_000.0}
 
-# Screen and print defaults that image software writes when it knows nothing of the optics.
+# Screen and print defaults that image software writes when the optics are unknown.
 _PLACEHOLDER_DPI = (72.0, 96.0)
 
 # OME-XML length units (OME schema 2016-06, UnitsLength), as microns.
@@ -179,7 +179,7 @@ def read_resolution(tif: tifffile.TiffFile, slide_format: str) -> tuple[float | 
     else:
         mpp, objective_power = None, None
 
-    # Every format may also carry the plain TIFF tags; use them only when the format's own fields say nothing.
+    # Any format may also carry the plain TIFF tags, which count only when the format's own fields are missing.
     if mpp is None:
         mpp = mpp_from_resolution_tags(tif.pages.first)
     return mpp, objective_power
