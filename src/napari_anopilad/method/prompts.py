@@ -220,6 +220,35 @@ def keyword_similarities(image_embeddings: torch.Tensor, keyword_embeddings: tor
     return image_embeddings.double() @ keyword_embeddings.double().T
 
 
+def keyword_prompts_for_images(
+    bundle: Bundle,
+    images_uint8: np.ndarray,
+    model: CoCa,
+    top_k: int = 5,
+    style: str = "marks",
+    device: str | torch.device = "cpu",
+    keyword_embeddings: torch.Tensor | None = None,
+) -> list[KeywordPrompt]:
+    """Choose the keywords and build the prompt of each image: CONCH embedding, similarities, top ``top_k``.
+
+    Parameters
+    ----------
+    images_uint8
+        ``(n, height, width, 3)`` RGB images; CONCH's preprocessing resizes and crops them.
+    model
+        The bundle's CONCH model (:meth:`Bundle.load_conch`).
+    keyword_embeddings
+        The bundle's keyword embeddings; read from the cache (or computed) when None.
+    """
+    from napari_anopilad.method.conch_model import encode_images
+
+    if keyword_embeddings is None:
+        keyword_embeddings = cached_keyword_embeddings(bundle, model, device)
+    image_embeddings = encode_images(model, images_uint8, device)
+    similarities = keyword_similarities(image_embeddings, keyword_embeddings).numpy()
+    return [build_keyword_prompt(row, bundle.keywords, top_k, style) for row in similarities]
+
+
 def build_compel(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> Compel:
     """Create Compel over the pipeline's CLIP tokenizer and text encoder.
 

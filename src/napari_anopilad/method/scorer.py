@@ -10,18 +10,16 @@ import numpy as np
 import torch
 
 from napari_anopilad.method.bundle import Bundle, Calibration
-from napari_anopilad.method.conch_model import encode_images
 from napari_anopilad.method.diffusion import patch_noise, reconstruct_latents
 from napari_anopilad.method.heatmap import within_slide_stats, zscores
 from napari_anopilad.method.perceptual import lpips_distances
 from napari_anopilad.method.prompts import (
     KeywordPrompt,
     build_compel,
-    build_keyword_prompt,
     cached_keyword_embeddings,
     encode_empty_prompt,
     encode_prompts,
-    keyword_similarities,
+    keyword_prompts_for_images,
 )
 from napari_anopilad.method.settings import SCORES, InferenceSettings
 
@@ -110,6 +108,7 @@ class AnoPILaDScorer:
             self.compel = None
         else:
             self.conch = bundle.load_conch(str(self.device))
+            # Computed here once, so the first batch does not pay for the keyword bank.
             self.keyword_embeddings = cached_keyword_embeddings(bundle, self.conch, self.device)
             self.compel = build_compel(self.tokenizer, self.text_encoder)
 
@@ -223,13 +222,16 @@ class AnoPILaDScorer:
     def _keyword_prompts(self, images: np.ndarray) -> list[KeywordPrompt]:
         if self.settings.unprompted:
             return [KeywordPrompt(keywords=[], similarities=[], weights=[], prompt="") for _ in images]
-        assert self.conch is not None and self.keyword_embeddings is not None
-        image_embeddings = encode_images(self.conch, images, self.device)
-        similarities = keyword_similarities(image_embeddings, self.keyword_embeddings).numpy()
-        return [
-            build_keyword_prompt(row, self.bundle.keywords, self.settings.top_k, self.settings.prompt_style)
-            for row in similarities
-        ]
+        assert self.conch is not None
+        return keyword_prompts_for_images(
+            self.bundle,
+            images,
+            self.conch,
+            self.settings.top_k,
+            self.settings.prompt_style,
+            self.device,
+            self.keyword_embeddings,
+        )
 
     def _prompt_embeds(self, prompts: list[KeywordPrompt]) -> torch.Tensor:
         if self.settings.unprompted:
