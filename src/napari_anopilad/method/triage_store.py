@@ -184,6 +184,11 @@ def build_triage_reference(
     check_embeddings(validation_embeddings, "normal validation embeddings")
     _check_pairs(train_embeddings, train_similarities, "training")
     _check_pairs(validation_embeddings, validation_similarities, "validation")
+    if len(train_embeddings) < 2:
+        raise ValueError(
+            f"the reference needs at least 2 normal training patches for the keyword covariance, got "
+            f"{len(train_embeddings)}: mark more normal patches with split 'train'"
+        )
     if len(validation_embeddings) < 2:
         raise ValueError(
             f"calibration needs at least 2 normal validation patches, got {len(validation_embeddings)}: "
