@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "prompt": "napari_anopilad.commands.prompt",
     "make-demo-bundle": "napari_anopilad.commands.demo_bundle",
     "analyze": "napari_anopilad.commands.analyze",
+    "analyze-cohort": "napari_anopilad.commands.analyze_cohort",
     "demo": "napari_anopilad.commands.demo",
 }
 
