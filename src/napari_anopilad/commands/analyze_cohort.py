@@ -1,0 +1,256 @@
+"""``anopilad analyze-cohort``: analyse many slides on a dask.distributed cluster and rank them by Z_99."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from napari_anopilad.cli import CommandError
+from napari_anopilad.commands.analyze import DEMO_WARNING, add_analysis_arguments, write_outputs
+
+logger = logging.getLogger(__name__)
+
+COHORT_CSV = "cohort.csv"
+DEFAULT_BLOCK_SIZE = 256
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "analyze-cohort",
+        help="analyse many slides on a dask cluster and write cohort.csv ranked by Z_99",
+        description=(
+            "Score the tissue patches of every slide on the workers of a dask.distributed cluster: a local "
+            "one (one worker per GPU, or a few CPU workers) or the cluster at --scheduler. Each slide gets "
+            "the outputs of 'anopilad analyze' in OUT/<slide name>/, and OUT/cohort.csv lists every slide "
+            "by Z_99, highest first. Finished patches are kept in each slide's result store, so running "
+            "the same command again resumes where it stopped."
+        ),
+    )
+    parser.add_argument("slides", type=Path, nargs="*", metavar="SLIDE", help="whole-slide image files")
+    parser.add_argument(
+        "--list",
+        type=Path,
+        dest="slide_list",
+        metavar="FILE",
+        help="text file with one slide path per line (blank lines and lines starting with # are skipped; "
+        "relative paths are relative to the file's folder)",
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created when missing)")
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running dask scheduler (for example tcp://10.0.0.5:8786); without it a local "
+        "cluster is started",
+    )
+    parser.add_argument(
+        "--n-workers",
+        type=int,
+        help="worker processes of the local cluster (default: one per visible GPU, else min(4, cores/2))",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"patches per task; larger slides are split into several tasks (default: {DEFAULT_BLOCK_SIZE})",
+    )
+    parser.add_argument(
+        "--max-patches",
+        type=int,
+        help="analyse only the first N tissue patches of each slide, in row-major order (for tests and quick looks)",
+    )
+    parser.add_argument(
+        "--dashboard-address",
+        default=":8787",
+        help="where the local cluster's dask dashboard listens (default: :8787, another port when taken)",
+    )
+    add_analysis_arguments(parser)
+    for action in parser._actions:
+        # The shared options describe one slide's store; a cohort keeps one store per slide by default.
+        if action.dest == "store":
+            action.help = "result store folder shared by all slides (default: OUT/<slide name>/store)"
+        elif action.dest == "mpp":
+            action.help = (
+                "level-0 microns per pixel for the slides whose metadata lacks it (for example 0.25); "
+                "slides that give one keep theirs"
+            )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def read_slide_list(path: Path) -> list[Path]:
+    """Read one slide path per line; skip blank lines and ``#`` comments; resolve relative to the file."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise CommandError(f"cannot read the slide list {path}: {error.strerror}; check the path") from error
+    slides = []
+    for line in lines:
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        slide = Path(text).expanduser()
+        slides.append(slide if slide.is_absolute() else Path(path).parent / slide)
+    return slides
+
+
+def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        "sampler": args.sampler,
+        "start_timestep": args.start_timestep,
+        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": args.steps,
+        "score": args.score,
+        "precision": args.precision,
+        "unprompted": True if args.unprompted else None,
+    }
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
+def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """Turn the command line into the cohort's slides and options, checking what the client can check."""
+    from napari_anopilad.engine.cohort import CohortOptions, CohortSlide, unique_slide_names
+
+    paths = list(args.slides)
+    if args.slide_list is not None:
+        paths.extend(read_slide_list(args.slide_list))
+    if not paths:
+        raise CommandError("no slides given: list slide files, or give --list FILE with one path per line")
+    if args.n_workers is not None and args.scheduler:
+        raise CommandError(
+            "--n-workers sets up the local cluster only; scale the cluster at --scheduler instead"
+        )
+    if args.scheduler is None and not args.bundle.is_dir():
+        raise CommandError(
+            f"bundle folder {args.bundle} not found: give a model bundle folder "
+            "(anopilad make-demo-bundle DIR makes a demo one)"
+        )
+
+    absolute = [path.expanduser().absolute() for path in paths]
+    slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
+    options = CohortOptions(
+        bundle=args.bundle.expanduser().absolute(),
+        out=args.out.expanduser().absolute(),
+        store_root=args.store.expanduser().absolute() if args.store is not None else None,
+        device=args.device,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        threshold=args.threshold,
+        mpp=args.mpp,
+        overrides=_setting_overrides(args),
+        region_level0=tuple(args.region) if args.region else None,
+        max_patches=args.max_patches,
+        save_reconstructions=args.save_reconstructions,
+    )
+    return slides, options
+
+
+def _connect(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Return ``(cluster, client)``: the local cluster this command starts (None with --scheduler) and a client."""
+    from napari_anopilad.engine.cohort_cluster import start_local_cluster, visible_gpus, worker_environments
+
+    if args.scheduler:
+        from distributed import Client
+
+        try:
+            return None, Client(args.scheduler, timeout="60s")
+        except OSError as error:
+            raise CommandError(
+                f"cannot connect to the dask scheduler at {args.scheduler}: {error}; check the address "
+                "and that the scheduler runs"
+            ) from error
+
+    gpus = [] if args.device.strip().lower() == "cpu" else visible_gpus()
+    environments = worker_environments(args.device, gpus, args.n_workers, os.cpu_count() or 1)
+    kind = "GPU" if environments[0].get("CUDA_VISIBLE_DEVICES") else "CPU"
+    print(f"Starting a local dask cluster of {len(environments)} {kind} worker(s)")
+    return start_local_cluster(environments, dashboard_address=args.dashboard_address)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_anopilad.engine.cohort import write_cohort_csv
+
+    slides, options = build_cohort(args)
+    options.out.mkdir(parents=True, exist_ok=True)
+    cluster, client = _connect(args)
+    try:
+        if client.dashboard_link:
+            print(f"Dask dashboard: {client.dashboard_link}")
+        outcomes = analyze_cohort(client, slides, options)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+    table = write_cohort_csv(options.out / COHORT_CSV, outcomes)
+    print_cohort_summary(outcomes, table)
+    return 0 if all(outcome.status == "ok" for outcome in outcomes) else 1
+
+
+def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool = True) -> list[Any]:
+    """Check the bundle on a worker, then analyse every slide with a progress bar over the patches."""
+    from distributed import wait
+    from tqdm import tqdm
+
+    from napari_anopilad.engine.cohort import (
+        STATUS_OK,
+        CohortProgress,
+        SlideOutcome,
+        describe_bundle,
+        run_cohort,
+    )
+
+    check = client.submit(describe_bundle, options, pure=False)
+    wait(check)
+    if check.status == "error":
+        raise CommandError(
+            f"the bundle {options.bundle} cannot be loaded on the workers: {check.exception()}"
+        )
+    bundle = check.result()
+    if bundle["demo"]:
+        print(f"WARNING: {DEMO_WARNING}.", file=sys.stderr)
+
+    with tqdm(total=0, unit="patch", desc="analyze-cohort", disable=not progress, dynamic_ncols=True) as bar:
+
+        def report(counts: CohortProgress, outcome: SlideOutcome | None) -> None:
+            bar.total = counts.n_patches
+            bar.update(counts.n_patches_done - bar.n)
+            bar.set_postfix(slides=f"{counts.n_slides_done}/{len(slides)}")
+            if outcome is None:
+                return
+            if outcome.status == STATUS_OK:
+                z_99 = "n/a" if outcome.z_99 is None else f"{outcome.z_99:.3f}"
+                bar.write(f"done    {outcome.slide.name}: Z_99 {z_99}, {outcome.n_patches} patches")
+            else:
+                bar.write(f"FAILED  {outcome.slide.name}: {outcome.error}")
+
+        return run_cohort(client, slides, options, write_outputs, on_progress=report)
+
+
+def summary_line(outcome: Any) -> str:
+    """Format one slide's row of the summary the command prints."""
+    if outcome.status != "ok":
+        return f"  {outcome.slide.name:<32} failed: {outcome.error}"
+    z_max = "n/a" if outcome.z_max is None else f"{outcome.z_max:8.3f}"
+    z_99 = "n/a" if outcome.z_99 is None else f"{outcome.z_99:8.3f}"
+    return (
+        f"  {outcome.slide.name:<32} Z_99 {z_99}  Z_max {z_max}  anomaly {outcome.anomaly_area_mm2:.4f} mm^2  "
+        f"{outcome.n_patches} patches"
+    )
+
+
+def print_cohort_summary(outcomes: list[Any], table: Path) -> None:
+    """Print every slide by Z_99 and where cohort.csv is."""
+    from napari_anopilad.engine.cohort import sort_outcomes
+
+    failed = [outcome for outcome in outcomes if outcome.status != "ok"]
+    print(f"Analysed {len(outcomes) - len(failed)} of {len(outcomes)} slides; by Z_99, highest first:")
+    for outcome in sort_outcomes(outcomes):
+        print(summary_line(outcome))
+    if failed:
+        print(f"{len(failed)} slide(s) failed; fix them and run the same command again to analyse them.")
+    print(f"Cohort table: {table}")

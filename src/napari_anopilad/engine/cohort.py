@@ -1,0 +1,705 @@
+"""Cohort analysis: many slides scored by the workers of a dask.distributed cluster.
+
+The work of one slide is three kinds of task:
+
+1. ``prepare_slide`` opens the slide, builds its tissue mask and patch grid, opens its result store
+   and splits the cells the store does not hold yet into blocks.
+2. ``score_block`` scores one block of cells with an :class:`AnalysisSession` into the same result
+   store that ``anopilad analyze`` writes (same folder keys), one atomic batch file at a time. It
+   skips cells the store already holds, so a block that dask runs again after its worker died
+   recomputes only the batch that was in flight.
+3. ``finish_slide`` computes the slide results from the store and writes the slide's output files.
+
+Each task catches its own errors and returns a status, so a corrupt slide fails alone. A worker
+process loads the bundle and builds the scorer once and keeps them for later tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+logger = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+# Dask runs tasks of higher priority first: every slide's plan first (so the progress total is known
+# early), then the output writing of finished slides, then the blocks in the order of the slides.
+_PRIORITY_PREPARE = 3_000_000
+_PRIORITY_FINISH = 2_000_000
+
+SlideWriter = Callable[..., dict[str, Path]]
+"""Writes a slide's output files: ``writer(out, *, slide, grid, results, settings, bundle, region_level0,
+store) -> {name: path}``, the signature of ``napari_anopilad.commands.analyze.write_outputs``."""
+
+
+@dataclass(frozen=True)
+class CohortSlide:
+    """One slide of a cohort.
+
+    Attributes
+    ----------
+    path : Path
+        The slide file, as the workers see it (absolute, so a worker's working folder does not matter).
+    name : str
+        Unique name in the cohort; the slide's outputs go to ``<out>/<name>/``.
+    """
+
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class CohortOptions:
+    """Options shared by every slide of a cohort run.
+
+    Attributes
+    ----------
+    bundle : Path
+        Model bundle folder, as the workers see it.
+    out : Path
+        Output folder; slide ``name`` writes to ``out / name``.
+    store_root : Path or None
+        Result store folder shared by all slides; None gives each slide ``out / name / "store"``,
+        which is where ``anopilad analyze --out out/name`` keeps its store.
+    device : str
+        Device request each worker resolves with ``choose_device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+    batch_size : int
+        Patches per device batch.
+    block_size : int
+        Patches per task; a slide with more remaining patches is split into several tasks.
+    threshold : float
+        Anomaly threshold on the eroded z-score.
+    mpp : float or None
+        Level-0 microns per pixel for slides whose metadata lacks it; slides that have it keep theirs.
+    overrides : dict
+        Inference setting overrides on top of the bundle's settings (None values keep the bundle's).
+    region_level0 : tuple of int or None
+        Analyse only the cells overlapping this ``(x, y, width, height)`` box of every slide.
+    max_patches : int or None
+        Analyse only the first this many tissue cells of every slide (row-major order), for quick looks.
+    save_reconstructions : bool
+        Store each patch's reconstruction and write the original/reconstruction PNG pairs.
+    """
+
+    bundle: Path
+    out: Path
+    store_root: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    block_size: int = 256
+    threshold: float = 0.0
+    mpp: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    region_level0: tuple[int, int, int, int] | None = None
+    max_patches: int | None = None
+    save_reconstructions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size} is invalid: use 1 or more")
+        if self.block_size < 1:
+            raise ValueError(f"block size {self.block_size} is invalid: use 1 or more")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(
+                f"mpp {self.mpp} is invalid: give the level-0 microns per pixel, a positive number"
+            )
+        if self.max_patches is not None and self.max_patches < 1:
+            raise ValueError(f"max patches {self.max_patches} is invalid: use 1 or more")
+
+    def slide_out(self, name: str) -> Path:
+        """Return the output folder of slide ``name``."""
+        return self.out / name
+
+    def slide_store_root(self, name: str) -> Path:
+        """Return the result store root of slide ``name``."""
+        return self.store_root if self.store_root is not None else self.out / name / "store"
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What ``prepare_slide`` found for one slide.
+
+    Attributes
+    ----------
+    slide : CohortSlide
+        The slide.
+    status, error : str
+        ``"ok"`` or ``"failed"``, and the error message of a failed slide.
+    mpp_override : float or None
+        The mpp passed to ``open_slide`` (the cohort's ``mpp`` when the file lacks one).
+    grid : PatchGrid or None
+        The slide's patch grid.
+    cells : ndarray of int64, shape (n, 2)
+        ``(row, col)`` of the cells to analyse.
+    blocks : list of ndarray
+        The cells the store lacked when planned, split into blocks of at most ``block_size``.
+    store_folder : str
+        The result store folder, the key that lets two slides with the same content share blocks.
+    n_reused : int
+        Cells the store already held.
+    """
+
+    slide: CohortSlide
+    status: str
+    error: str = ""
+    mpp_override: float | None = None
+    grid: Any = None
+    cells: NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    blocks: list[NDArray[np.int64]] = field(default_factory=list)
+    store_folder: str = ""
+    n_reused: int = 0
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.cells.shape[0])
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """What ``score_block`` did: how many patches it computed and reused, or why it failed."""
+
+    status: str
+    n_cells: int
+    n_computed: int = 0
+    n_reused: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """The cohort's result for one slide: a row of cohort.csv.
+
+    Attributes
+    ----------
+    slide : CohortSlide
+        The slide.
+    status, error : str
+        ``"ok"`` or ``"failed"``, and the error message of a failed slide.
+    z_max, z_99 : float or None
+        Slide scores over the analysed cells.
+    anomaly_area_mm2 : float or None
+        Area of the cells whose eroded z-score exceeds the threshold, in mm^2 at level-0 mpp.
+    n_anomalous_patches, n_patches, n_computed : int
+        Cells over the threshold, cells analysed, and cells this run computed (the rest were reused).
+    z_source : str
+        ``"calibration"`` or ``"within-slide"``.
+    files : dict of str to Path
+        The output files written.
+    """
+
+    slide: CohortSlide
+    status: str
+    error: str = ""
+    z_max: float | None = None
+    z_99: float | None = None
+    anomaly_area_mm2: float | None = None
+    n_anomalous_patches: int = 0
+    n_patches: int = 0
+    n_computed: int = 0
+    z_source: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# -- per-process cache of the bundle and scorer ------------------------------------------------
+
+
+@dataclass
+class _LoadedModel:
+    bundle: Any
+    settings: Any
+    scorer: Any = None
+    # One block at a time uses the scorer, also on workers that run several threads.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[str, str], _LoadedModel] = {}
+
+
+def _model_key(options: CohortOptions) -> tuple[str, str]:
+    return str(Path(options.bundle).resolve()), json.dumps(options.overrides, sort_keys=True, default=str)
+
+
+def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
+    """Return this process's bundle, settings and (when asked) scorer for ``options``, loading them once.
+
+    The cache keeps one model per process, so a worker that meets another bundle frees the previous
+    one's device memory instead of holding both.
+    """
+    from napari_anopilad.method.bundle import load_bundle
+
+    key = _model_key(options)
+    with _cache_lock:
+        model = _cache.get(key)
+        if model is None:
+            _cache.clear()
+            bundle = load_bundle(options.bundle)
+            model = _LoadedModel(bundle=bundle, settings=bundle.settings.with_overrides(**options.overrides))
+            _cache[key] = model
+            logger.info("Loaded the bundle %s (identity %s)", options.bundle, bundle.identity)
+        if with_scorer and model.scorer is None:
+            from napari_anopilad.engine.device import check_precision, choose_device, describe_device
+            from napari_anopilad.method.scorer import AnoPILaDScorer
+
+            device = choose_device(options.device)
+            check_precision(device, model.settings.precision)
+            model.scorer = AnoPILaDScorer(model.bundle, str(device), model.settings)
+            logger.info("Built the scorer on %s with %s", describe_device(device), model.settings)
+    return model
+
+
+def describe_bundle(options: CohortOptions) -> dict[str, Any]:
+    """Load the bundle on a worker and return its identity, demo flag and the run's settings.
+
+    The command runs this once before the slides, so a missing or invalid bundle stops the run with
+    one message instead of failing every slide.
+    """
+    model = _load_model(options, with_scorer=False)
+    return {
+        "identity": model.bundle.identity,
+        "demo": bool(model.bundle.demo),
+        "settings": model.settings.to_dict(),
+    }
+
+
+# -- the three tasks ---------------------------------------------------------------------------
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error).strip() or repr(error)
+    return f"{type(error).__name__}: {text}"
+
+
+def _log_failure(action: str, path: Path, error: Exception) -> None:
+    """Log a task's caught error; bad input (a ValueError such as SlideError, or an OSError) without a traceback."""
+    if isinstance(error, (ValueError, OSError)):
+        logger.warning("Failed to %s %s: %s", action, path, error)
+    else:
+        logger.error("Failed to %s %s", action, path, exc_info=error)
+
+
+def _open(slide: CohortSlide, mpp_override: float | None) -> Any:
+    from napari_anopilad.slide import open_slide
+
+    return open_slide(slide.path, mpp=mpp_override)
+
+
+def _open_store(options: CohortOptions, plan: SlidePlan, slide: Any, model: _LoadedModel) -> Any:
+    from napari_anopilad.engine.store import ResultStore, grid_description
+
+    store = ResultStore(
+        options.slide_store_root(plan.slide.name),
+        slide.identity,
+        model.bundle.identity,
+        model.settings,
+        grid=grid_description(plan.grid),
+    )
+    if plan.store_folder and str(store.folder) != plan.store_folder:
+        raise RuntimeError(
+            f"the slide {plan.slide.path} changed while the cohort ran (its result store moved from "
+            f"{plan.store_folder} to {store.folder}); run the cohort again"
+        )
+    return store
+
+
+def select_cells(
+    grid: Any,
+    cells: NDArray[np.int64],
+    region_level0: tuple[int, int, int, int] | None,
+    max_patches: int | None,
+) -> NDArray[np.int64]:
+    """Keep the cells that overlap ``region_level0`` (when given), then the first ``max_patches`` of them."""
+    if region_level0 is not None:
+        x_level0, y_level0, width_level0, height_level0 = region_level0
+        size = int(grid.patch_size_level0)
+        rows, cols = cells[:, 0], cells[:, 1]
+        overlaps = (cols * size < x_level0 + width_level0) & ((cols + 1) * size > x_level0)
+        overlaps &= (rows * size < y_level0 + height_level0) & ((rows + 1) * size > y_level0)
+        cells = cells[overlaps]
+    if max_patches is not None:
+        cells = cells[:max_patches]
+    return cells
+
+
+def prepare_slide(slide: CohortSlide, options: CohortOptions) -> SlidePlan:
+    """Open a slide, build its patch grid and result store, and split its remaining cells into blocks.
+
+    Returns a failed plan (never raises for a bad slide) whose ``error`` names the file and the cause.
+    """
+    from napari_anopilad.slide import build_patch_grid, compute_tissue_mask
+
+    try:
+        model = _load_model(options, with_scorer=False)
+        mpp_override = None
+        with _open(slide, None) as opened:
+            needs_mpp = opened.mpp is None
+        if needs_mpp:
+            if options.mpp is None:
+                raise ValueError(
+                    f"{slide.path}: the file does not give its microns per pixel; pass --mpp (for example 0.25)"
+                )
+            mpp_override = options.mpp
+
+        with _open(slide, mpp_override) as opened:
+            grid = build_patch_grid(opened, tissue_mask=compute_tissue_mask(opened))
+            tissue = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
+            cells = select_cells(grid, tissue, options.region_level0, options.max_patches)
+            if cells.size == 0:
+                where = "in the region" if options.region_level0 is not None else "on the slide"
+                raise ValueError(f"{slide.path}: no tissue patch {where}; check that it is a tissue section")
+            plan = SlidePlan(slide=slide, status=STATUS_OK, mpp_override=mpp_override, grid=grid, cells=cells)
+            store = _open_store(options, plan, opened, model)
+
+        done = store.done_cells(need_reconstructions=options.save_reconstructions)
+        remaining = np.array([cell for cell in cells.tolist() if tuple(cell) not in done], dtype=np.int64)
+        remaining = remaining.reshape(-1, 2)
+        blocks = [
+            remaining[start : start + options.block_size]
+            for start in range(0, len(remaining), options.block_size)
+        ]
+        return SlidePlan(
+            slide=slide,
+            status=STATUS_OK,
+            mpp_override=mpp_override,
+            grid=grid,
+            cells=cells,
+            blocks=blocks,
+            store_folder=str(store.folder),
+            n_reused=len(cells) - len(remaining),
+        )
+    except Exception as error:
+        _log_failure("plan the slide", slide.path, error)
+        return SlidePlan(slide=slide, status=STATUS_FAILED, error=_error_text(error))
+
+
+def score_block(plan: SlidePlan, cells: NDArray[np.int64], options: CohortOptions) -> BlockOutcome:
+    """Score the cells of one block that the slide's store lacks, writing each batch to the store.
+
+    Safe to run again (dask reruns the tasks of a worker that died): stored cells are skipped.
+    """
+    from napari_anopilad.engine.results import calibration_reference
+    from napari_anopilad.engine.session import AnalysisSession
+
+    try:
+        model = _load_model(options, with_scorer=True)
+        with model.lock, _open(plan.slide, plan.mpp_override) as slide:
+            store = _open_store(options, plan, slide, model)
+            session = AnalysisSession(
+                slide,
+                plan.grid,
+                model.scorer,
+                store,
+                cells=cells,
+                batch_size=options.batch_size,
+                save_reconstructions=options.save_reconstructions,
+                calibration=calibration_reference(model.bundle, model.settings),
+            )
+            n_computed = 0
+            for batch in session.run():
+                n_computed += len(batch.cells)
+        return BlockOutcome(
+            status=STATUS_OK, n_cells=len(cells), n_computed=n_computed, n_reused=session.n_reused
+        )
+    except Exception as error:
+        _log_failure(f"score a block of {len(cells)} patches of", plan.slide.path, error)
+        return BlockOutcome(status=STATUS_FAILED, n_cells=len(cells), error=_error_text(error))
+
+
+def finish_slide(
+    plan: SlidePlan, blocks: Sequence[BlockOutcome], options: CohortOptions, write_outputs: SlideWriter
+) -> SlideOutcome:
+    """Compute the slide results from the store and write the slide's output files.
+
+    Returns a failed outcome when a block failed or the store lacks cells; never raises for a bad slide.
+    """
+    from napari_anopilad.engine.results import compute_slide_results
+
+    failed = [block for block in blocks if block.status != STATUS_OK]
+    n_computed = sum(block.n_computed for block in blocks)
+    if failed:
+        return SlideOutcome(
+            slide=plan.slide, status=STATUS_FAILED, error=failed[0].error, n_computed=n_computed
+        )
+    try:
+        model = _load_model(options, with_scorer=False)
+        out = options.slide_out(plan.slide.name)
+        out.mkdir(parents=True, exist_ok=True)
+        with _open(plan.slide, plan.mpp_override) as slide:
+            store = _open_store(options, plan, slide, model)
+            results = compute_slide_results(
+                store, plan.grid, model.bundle, options.threshold, cells=plan.cells, settings=model.settings
+            )
+            if results.n_patches < plan.n_patches:
+                raise RuntimeError(
+                    f"the result store {store.folder} holds {results.n_patches} of the slide's "
+                    f"{plan.n_patches} patches; run the cohort again to score the rest"
+                )
+            files = write_outputs(
+                out,
+                slide=slide,
+                grid=plan.grid,
+                results=results,
+                settings=model.settings,
+                bundle=model.bundle,
+                region_level0=options.region_level0,
+                store=store if options.save_reconstructions else None,
+            )
+            n_anomalous = int(np.count_nonzero(results.mask))
+            # The grid needs a known mpp, so the level-0 cell side converts to microns here.
+            cell_side_um = float(plan.grid.patch_size_level0) * float(slide.mpp)
+        return SlideOutcome(
+            slide=plan.slide,
+            status=STATUS_OK,
+            z_max=results.z_max,
+            z_99=results.z_99,
+            anomaly_area_mm2=n_anomalous * cell_side_um**2 / 1e6,
+            n_anomalous_patches=n_anomalous,
+            n_patches=results.n_patches,
+            n_computed=n_computed,
+            z_source=results.z_source,
+            files=files,
+        )
+    except Exception as error:
+        _log_failure("write the results of", plan.slide.path, error)
+        return SlideOutcome(
+            slide=plan.slide, status=STATUS_FAILED, error=_error_text(error), n_computed=n_computed
+        )
+
+
+# -- the client side ---------------------------------------------------------------------------
+
+
+def _task_key(kind: str, run_token: str, *parts: Any) -> str:
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+    return f"{kind}-{run_token}-{digest}"
+
+
+@dataclass
+class CohortProgress:
+    """Counts a cohort run reports as it goes: patches planned, patches finished and slides finished."""
+
+    n_patches: int = 0
+    n_patches_done: int = 0
+    n_slides_done: int = 0
+
+
+def run_cohort(
+    client: Any,
+    slides: Sequence[CohortSlide],
+    options: CohortOptions,
+    write_outputs: SlideWriter,
+    *,
+    on_progress: Callable[[CohortProgress, SlideOutcome | None], None] | None = None,
+) -> list[SlideOutcome]:
+    """Analyse every slide on the cluster behind ``client`` and return one outcome per slide.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A client of the cluster whose workers run the tasks. Workers must import this package and
+        see the slide, bundle and output paths.
+    slides : sequence of CohortSlide
+        The slides, with unique names.
+    options : CohortOptions
+        Options shared by every slide.
+    write_outputs : callable
+        Writes one slide's output files on a worker (see :data:`SlideWriter`); it must be importable
+        by the workers, as a module-level function is.
+    on_progress : callable, optional
+        Called on the client after each finished task with the counts so far and, when a slide has
+        just finished, its outcome.
+
+    Returns
+    -------
+    list of SlideOutcome
+        In the order of ``slides``. A slide whose tasks raised or whose worker died too often is a
+        failed outcome with the error; the others are unaffected.
+    """
+    from distributed import as_completed
+
+    names = [slide.name for slide in slides]
+    if len(set(names)) != len(names):
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"slide names must be unique in a cohort, but {', '.join(duplicates)} repeat")
+
+    run_token = uuid.uuid4().hex[:8]
+    progress = CohortProgress()
+    outcomes: dict[str, SlideOutcome] = {}
+    # What each future is: ("prepare" | "block" | "finish", slide index, number of cells).
+    roles: dict[str, tuple[str, int, int]] = {}
+    # Futures stay referenced here until the end, so a block that two slides share is kept for both.
+    held: list[Any] = []
+
+    prepares = []
+    for index, slide in enumerate(slides):
+        future = client.submit(
+            prepare_slide,
+            slide,
+            options,
+            key=_task_key("prepare-slide", run_token, index, str(slide.path)),
+            priority=_PRIORITY_PREPARE,
+            pure=False,
+        )
+        roles[future.key] = ("prepare", index, 0)
+        prepares.append(future)
+    held.extend(prepares)
+
+    pending = as_completed(prepares)
+    for future in pending:
+        role, index, n_cells = roles[future.key]
+        slide = slides[index]
+        try:
+            result = future.result()
+        except Exception as error:
+            logger.error("A %s task of %s failed: %s", role, slide.path, _error_text(error))
+            if role == "block":
+                # The finish task depends on this block and reports the error for the slide.
+                continue
+            result = SlideOutcome(slide=slide, status=STATUS_FAILED, error=_error_text(error))
+            role = "finish"
+
+        if role == "prepare":
+            plan: SlidePlan = result
+            if plan.status != STATUS_OK:
+                outcomes[slide.name] = SlideOutcome(slide=slide, status=STATUS_FAILED, error=plan.error)
+                progress.n_slides_done += 1
+                if on_progress is not None:
+                    on_progress(progress, outcomes[slide.name])
+                continue
+            blocks = []
+            for block_cells in plan.blocks:
+                # Slides with the same store (copies of one file, a shared --store) share block tasks.
+                key = _task_key("score-block", run_token, plan.store_folder, block_cells.tolist())
+                block = client.submit(
+                    score_block, plan, block_cells, options, key=key, priority=len(slides) - index
+                )
+                roles.setdefault(block.key, ("block", index, len(block_cells)))
+                blocks.append(block)
+                pending.add(block)
+            finish = client.submit(
+                finish_slide,
+                plan,
+                blocks,
+                options,
+                write_outputs,
+                key=_task_key("finish-slide", run_token, index, str(slide.path)),
+                priority=_PRIORITY_FINISH,
+                pure=False,
+            )
+            roles[finish.key] = ("finish", index, 0)
+            pending.add(finish)
+            held.extend([*blocks, finish])
+            progress.n_patches += plan.n_patches
+            progress.n_patches_done += plan.n_reused
+            if on_progress is not None:
+                on_progress(progress, None)
+        elif role == "block":
+            progress.n_patches_done += n_cells
+            if on_progress is not None:
+                on_progress(progress, None)
+        else:
+            outcome: SlideOutcome = result
+            outcomes[slide.name] = outcome
+            progress.n_slides_done += 1
+            if on_progress is not None:
+                on_progress(progress, outcome)
+
+    return [outcomes[slide.name] for slide in slides]
+
+
+def unique_slide_names(paths: Sequence[Path]) -> list[str]:
+    """Name each slide by its file stem, appending ``-2``, ``-3``... to stems that repeat."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for path in paths:
+        stem = Path(path).stem or "slide"
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        names.append(stem if count == 1 else f"{stem}-{count}")
+    # A suffixed name can collide with a real stem ("a-2.svs" next to two "a.svs"); count up past it.
+    taken: set[str] = set()
+    for index, name in enumerate(names):
+        candidate, number = name, 2
+        while candidate in taken:
+            candidate = f"{name}-{number}"
+            number += 1
+        taken.add(candidate)
+        names[index] = candidate
+    return names
+
+
+COHORT_COLUMNS = (
+    "slide",
+    "z_max",
+    "z_99",
+    "anomaly_area_mm2",
+    "n_anomalous_patches",
+    "n_patches",
+    "status",
+    "error",
+    "z_source",
+    "path",
+)
+
+
+def sort_outcomes(outcomes: Sequence[SlideOutcome]) -> list[SlideOutcome]:
+    """Order outcomes by Z_99, highest first; slides without a Z_99 (failed ones) follow, by name."""
+
+    def key(outcome: SlideOutcome) -> tuple[int, float, str]:
+        if outcome.z_99 is None or not math.isfinite(outcome.z_99):
+            return (1, 0.0, outcome.slide.name)
+        return (0, -outcome.z_99, outcome.slide.name)
+
+    return sorted(outcomes, key=key)
+
+
+def _csv_number(value: float | None) -> str:
+    # repr keeps every digit, so the table gives back exactly the value in each slide's slide.json.
+    return "" if value is None else repr(float(value))
+
+
+def write_cohort_csv(path: str | Path, outcomes: Sequence[SlideOutcome]) -> Path:
+    """Write cohort.csv: one row per slide, sorted by :func:`sort_outcomes`, columns :data:`COHORT_COLUMNS`.
+
+    The file is written to a temporary name and renamed, so a reader never sees half a table.
+    """
+    import csv
+    import io
+    import os
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COHORT_COLUMNS)
+    for outcome in sort_outcomes(outcomes):
+        writer.writerow(
+            [
+                outcome.slide.name,
+                _csv_number(outcome.z_max),
+                _csv_number(outcome.z_99),
+                _csv_number(outcome.anomaly_area_mm2),
+                outcome.n_anomalous_patches if outcome.status == STATUS_OK else "",
+                outcome.n_patches if outcome.status == STATUS_OK else "",
+                outcome.status,
+                " ".join(outcome.error.split()),
+                outcome.z_source,
+                str(outcome.slide.path),
+            ]
+        )
+    path = Path(path)
+    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temp_path.write_text(buffer.getvalue())
+    os.replace(temp_path, path)
+    return path
