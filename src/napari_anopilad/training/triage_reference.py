@@ -1,8 +1,8 @@
 """Build the triage normal reference of a bundle from normal training and validation patches.
 
-The patches come from a manifest CSV (the patch extraction step's ``manifest.csv``, or any CSV with the
-columns ``path``, ``label`` and ``split``; paths are relative to the CSV's folder) or from folders of PNG files
-that are all normal. The normal training patches are embedded with the bundle's CONCH and reduced to the
+The patches come from a manifest CSV or from folders of PNG files that are all normal. The manifest is the
+patch extraction step's ``manifest.csv`` or any CSV with the columns ``path``, ``label`` and ``split``, and its
+paths are relative to the CSV's folder. The normal training patches are embedded with the bundle's CONCH and reduced to the
 memory bank; the normal validation patches, which should come from other slides, calibrate the z-scores.
 The result is written to ``BUNDLE/triage/`` (see :mod:`napari_anopilad.method.triage_store`).
 """
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The analysis reads 256 px patches from the slide grid; patches of other sizes are resized to match, so the
-# reference sees the same CONCH preprocessing path (256 px, then CONCH's resize to its input size).
+# The analysis reads 256 px patches from the slide grid. Patches of other sizes are resized to 256 px, so
+# they take the same path through CONCH's preprocessing (256 px, then CONCH's resize to its input size).
 PATCH_SIZE = 256
 MANIFEST_REQUIRED_COLUMNS = ("path", "label", "split")
 DEFAULT_VALIDATION_FRACTION = 0.2
@@ -171,6 +171,12 @@ def select_from_manifest(
         raise ValueError(
             f"manifest {path} has {len(validation)} patches with label {normal_label!r} and split "
             f"{validation_split!r}; calibration needs at least 2"
+        )
+    absent = [str(file) for file in train + validation if not file.is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"manifest {path} lists {len(absent)} patches that are not found, e.g. {absent[:3]}; "
+            "restore them or fix their paths (relative to the manifest's folder)"
         )
     source = {"manifest": path.name, "train_split": train_split, "validation_split": validation_split}
     return PatchSelection(train=train, validation=validation, source=source)
