@@ -15,10 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conch.open_clip_custom import CoCa, get_tokenizer
-from conch.open_clip_custom.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from conch.open_clip_custom.transform import image_transform
 from PIL import Image
+
+with warnings.catch_warnings():
+    # conch imports timm.models.layers, which timm 1.x marks deprecated on every import.
+    warnings.simplefilter("ignore", FutureWarning)
+    from conch.open_clip_custom import CoCa, get_tokenizer
+    from conch.open_clip_custom.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from conch.open_clip_custom.transform import image_transform
 
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.weights import compare_state_dict, read_state_dict, read_tensor_shapes
