@@ -95,7 +95,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """Where the Stable Diffusion 1.5 base comes from: a diffusers folder, a single file, or the hub."""
+    """Source of the Stable Diffusion 1.5 base: a diffusers folder, a single-file checkpoint, or the hub."""
 
     kind: str
     path: Path | None
@@ -124,7 +124,7 @@ class Bundle:
     part_hashes
         Hash of each part's weight files (``base_model``, ``lora``, ``conch``, ``lpips``).
     calibration
-        Statistics that match ``settings``, or None. ``calibration_note`` says why it is None.
+        Statistics that match ``settings``, or None. ``calibration_note`` gives the reason when it is None.
     """
 
     folder: Path
@@ -156,19 +156,19 @@ class Bundle:
             return None
         return self.calibration
 
-    def load_pipeline(self, device: str | None = None) -> StableDiffusionPipeline:
+    def load_pipeline(self, device: str | torch.device | None = None) -> StableDiffusionPipeline:
         """Load the SD1.5 pipeline in float32 with the LoRA fused into the UNet."""
         from napari_anopilad.method.pipeline import load_pipeline
 
         return load_pipeline(self, device or self.device)
 
-    def load_conch(self, device: str | None = None) -> CoCa:
+    def load_conch(self, device: str | torch.device | None = None) -> CoCa:
         """Load CONCH with a strict key check, in eval mode."""
         from napari_anopilad.method.conch_model import load_conch
 
         return load_conch(self.conch_config, self.conch_checkpoint, device or self.device)
 
-    def load_lpips(self, device: str | None = None) -> lpips.LPIPS:
+    def load_lpips(self, device: str | torch.device | None = None) -> lpips.LPIPS:
         """Load LPIPS (float32) with the bundle's backbone weights."""
         from napari_anopilad.method.perceptual import load_lpips
 

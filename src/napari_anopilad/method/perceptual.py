@@ -1,7 +1,7 @@
 """LPIPS with its backbone read from a local weights file, so nothing is downloaded.
 
 LPIPS's own linear layers (v0.1) ship inside the ``lpips`` package; the ImageNet backbone that torchvision
-would download is read from the bundle instead. The file holds the backbone's ``features`` module as
+would download is read from the bundle instead. The file contains the backbone's ``features`` module as
 torchvision names it (``0.weight``, ``2.weight``, ...). A whole torchvision state dict is accepted too: the
 ``features.`` prefix is removed and the ``classifier.`` layers are ignored.
 """
@@ -34,7 +34,7 @@ def build_backbone_features(net: str, device: str | torch.device = "cpu") -> tor
 
 
 def check_lpips_backbone(net: str, path: Path) -> None:
-    """Raise a ValueError unless the file holds exactly the backbone's feature parameters."""
+    """Raise a ValueError unless the file contains exactly the backbone's feature parameters."""
     expected = {
         key: tuple(value.shape) for key, value in build_backbone_features(net, "meta").state_dict().items()
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ class AnoPILaDScorer:
         self.settings = settings or bundle.settings
         self.unet_dtype = self._unet_dtype()
 
-        pipeline = bundle.load_pipeline(str(self.device))
+        # diffusers registers the components at run time, so mypy cannot see them on the class.
+        pipeline: Any = bundle.load_pipeline(self.device)
         self.unet = pipeline.unet
         if self.unet_dtype != torch.float32:
             self.unet = self.unet.to(self.unet_dtype)
@@ -107,12 +109,12 @@ class AnoPILaDScorer:
             self.keyword_embeddings = None
             self.compel = None
         else:
-            self.conch = bundle.load_conch(str(self.device))
+            self.conch = bundle.load_conch(self.device)
             # Computed here once, so the first batch does not pay for the keyword bank.
             self.keyword_embeddings = cached_keyword_embeddings(bundle, self.conch, self.device)
             self.compel = build_compel(self.tokenizer, self.text_encoder)
 
-        self.lpips = bundle.load_lpips(str(self.device))
+        self.lpips = bundle.load_lpips(self.device)
         self.calibration: Calibration | None = bundle.calibration_for(self.settings)
 
     @property
@@ -178,8 +180,8 @@ class AnoPILaDScorer:
         mse_values = ((latents - reconstructed) ** 2).mean(dim=(1, 2, 3)).double().cpu().numpy()
         reconstructions = None
         if return_reconstructions:
-            reconstructions = ((decoded + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            reconstructions = reconstructions.permute(0, 2, 3, 1).cpu().numpy()
+            reconstructions_uint8 = ((decoded + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            reconstructions = reconstructions_uint8.permute(0, 2, 3, 1).cpu().numpy()
 
         return PatchScores(
             keywords=[prompt.keywords for prompt in prompts],
@@ -196,7 +198,7 @@ class AnoPILaDScorer:
         """Convert scores to z-scores with the bundle's calibration, or within the given values without one.
 
         Without calibration statistics measured under this scorer's settings, the mean and population std of
-        ``values`` themselves are used (pass all of a slide's scores), and ``note`` says so.
+        ``values`` themselves are used (pass all of a slide's scores), and ``note`` states this.
         """
         score = score or self.settings.score
         if score not in SCORES:
