@@ -62,7 +62,7 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_anopilad._sample_data import sample_slide_path
-    from napari_anopilad.method import make_demo_bundle
+    from napari_anopilad.method.demo import make_demo_bundle
     from napari_anopilad.widgets.analysis import AnalysisWidget
     from napari_anopilad.widgets.inspector import InspectorWidget
     from napari_anopilad.widgets.model import analyses_for
@@ -87,7 +87,7 @@ def main() -> None:
     analysis_widget.device_choice.setCurrentText("cpu")
     analysis_widget.batch_size.setValue(8)
     analysis_widget.set_bundle_folder(bundle_dir)
-    wait_until(lambda: "loaded" in analysis_widget.status_label.text(), 120, app)
+    wait_until(lambda: analysis_widget.loaded_bundle is not None and analysis_widget.worker is None, 300, app)
 
     viewer.reset_view()
     analysis_widget.start_analysis(whole_slide=True)

@@ -9,6 +9,7 @@ in view at the front.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Generator
@@ -144,7 +145,7 @@ class ModelCache:
         self._scorers: dict[tuple[str, str, str], Any] = {}
 
     def bundle(self, folder: Path) -> Any:
-        from napari_anopilad.method import load_bundle
+        from napari_anopilad.method.bundle import load_bundle
 
         key = str(Path(folder).resolve())
         with self._lock:
@@ -153,14 +154,14 @@ class ModelCache:
             return self._bundles[key]
 
     def scorer(self, folder: Path, bundle: Any, device: Any, settings: InferenceSettings) -> Any:
-        from napari_anopilad.method import AnoPILaDScorer
+        from napari_anopilad.method.scorer import AnoPILaDScorer
 
         key = (str(Path(folder).resolve()), str(device), settings.score_key())
         with self._lock:
             if key not in self._scorers:
                 # One model in memory at a time: a new setting or device replaces the old scorer.
                 self._scorers.clear()
-                self._scorers[key] = AnoPILaDScorer(bundle, device, settings)
+                self._scorers[key] = AnoPILaDScorer(bundle, str(device), settings)
             return self._scorers[key]
 
 
@@ -253,6 +254,7 @@ class AnalysisWidget(QWidget):
         self.device_name = ""
         self._last_batch_time = 0.0
         self._bundle_worker: Any = None
+        self.loaded_bundle: Any = None
 
         self._build_form()
         self.requeue_timer = QTimer(self)
@@ -392,6 +394,7 @@ class AnalysisWidget(QWidget):
         if not text:
             return
         folder = Path(text).expanduser()
+        import_model_code()
         worker = thread_worker(self.models.bundle, start_thread=False)(folder)
         worker.returned.connect(self._apply_bundle_defaults)
         worker.errored.connect(lambda error: show_error(f"Could not load the bundle {folder}: {error}"))
@@ -400,6 +403,7 @@ class AnalysisWidget(QWidget):
         worker.start()
 
     def _apply_bundle_defaults(self, bundle: Any) -> None:
+        self.loaded_bundle = bundle
         settings: InferenceSettings = bundle.settings
         self.start_timestep.setValue(settings.start_timestep)
         self.sampler_choice.setCurrentText(settings.sampler)
@@ -414,9 +418,10 @@ class AnalysisWidget(QWidget):
         from napari_anopilad.engine.store import default_store_root
 
         folder = default_store_root().parent / "demo-bundle"
+        import_model_code()
 
         def build() -> Path:
-            from napari_anopilad.method import make_demo_bundle
+            from napari_anopilad.method.demo import make_demo_bundle
 
             return Path(make_demo_bundle(folder))
 
@@ -490,6 +495,7 @@ class AnalysisWidget(QWidget):
             self._start_worker(request)
 
     def _start_worker(self, request: AnalysisRequest) -> None:
+        import_model_code()
         self.request = request
         self.control = AnalysisControl()
         worker = thread_worker(analysis_worker, start_thread=False)(request, self.control, self.models)
@@ -682,6 +688,27 @@ class AnalysisWidget(QWidget):
     def closeEvent(self, event: Any) -> None:
         self.stop()
         super().closeEvent(event)
+
+
+def import_model_code() -> None:
+    """Import the model stack (torch, diffusers, the scorer) on the GUI thread, once.
+
+    diffusers imports torch's compiler stack, which imports triton when it is installed. Loading
+    triton's LLVM into a process that already has an OpenGL context from Mesa's llvmpipe (napari's
+    canvas under Xvfb or a remote desktop) crashes the process (seen with torch 2.14, triton and Mesa
+    22.3). The plugin never compiles models, so triton is hidden from imports unless another package
+    loaded it before the window opened. Importing here, not in a worker thread, keeps the first
+    import of these large C extensions on the main thread.
+    """
+    if "triton" not in sys.modules:
+        logger.info("napari-anopilad hides triton from torch: it crashes next to Mesa's OpenGL in napari")
+        sys.modules["triton"] = None  # type: ignore[assignment]
+
+    import diffusers  # noqa: F401
+
+    import napari_anopilad.method.bundle
+    import napari_anopilad.method.demo
+    import napari_anopilad.method.scorer  # noqa: F401
 
 
 def _device_choices() -> list[str]:
