@@ -69,7 +69,7 @@ class CancelAtFirstStep:
 
 
 class LimitedMemoryScorer:
-    """The real scorer on a device that holds at most ``max_patches`` patches, as a small GPU would."""
+    """The real scorer on a device that fits at most ``max_patches`` patches, as a small GPU would."""
 
     def __init__(self, scorer: AnoPILaDScorer, max_patches: int) -> None:
         self.scorer = scorer

@@ -7,8 +7,8 @@ Layout of one store folder (``<root>/<slide>_<bundle>_<settings>[_<grid>]/``)::
     reconstructions/r<row>_c<col>.png
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over its
-final name, so a reader sees a batch whole or not at all, and a process killed at any moment loses
-only the batch it had not finished writing. Changed settings, a changed bundle or a changed patch
+final name, so a reader sees a batch whole or not at all. A process killed at any moment loses only
+the batch it had not finished writing. Changed settings, a changed bundle or a changed patch
 grid give a different folder, so stale scores are never reused.
 """
 
@@ -64,7 +64,7 @@ def default_store_root() -> Path:
 
 
 def grid_description(grid: Any) -> dict[str, Any]:
-    """Describe the parts of a patch grid that decide which pixels a ``(row, col)`` cell holds.
+    """Describe the parts of a patch grid that decide which pixels a ``(row, col)`` cell contains.
 
     Two grids with the same description read the same pixels for the same cell, so their scores
     can share a store.
@@ -107,7 +107,7 @@ class StoredPatches:
     prompts : ndarray of str, shape (n,)
         The prompt that guided the reconstruction.
     has_reconstruction : ndarray of bool, shape (n,)
-        Whether the store holds the patch's reconstruction PNG.
+        Whether the store contains the patch's reconstruction PNG.
     """
 
     rows: NDArray[np.int64]
@@ -136,7 +136,7 @@ class StoredPatches:
         return np.stack([self.rows, self.cols], axis=1)
 
     def select(self, cells: Iterable[tuple[int, int]] | NDArray[np.integer]) -> StoredPatches:
-        """Return the entries of the given cells that the store holds, in the store's order."""
+        """Return the stored entries of the given cells, in the store's order."""
         wanted = {(int(row), int(col)) for row, col in np.asarray(cells, dtype=np.int64).reshape(-1, 2)}
         keep = np.array([(int(r), int(c)) in wanted for r, c in zip(self.rows, self.cols)], dtype=bool)
         return StoredPatches(
@@ -172,7 +172,7 @@ class ResultStore:
     Parameters
     ----------
     root : str or Path
-        Folder that holds stores; this store uses a subfolder named from the keys below.
+        Folder of result stores. This store uses a subfolder named from the keys below.
     slide_identity : str
         ``Slide.identity``, a content hash of the slide file.
     bundle_identity : str
