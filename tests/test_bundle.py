@@ -378,3 +378,12 @@ def test_settings_from_bundle_round_trip(demo_bundle_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_bundle(demo_bundle_dir)
+
+
+def test_make_demo_bundle_command_rejects_nonempty_folder(
+    demo_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_anopilad.cli import main
+
+    assert main(["make-demo-bundle", str(demo_bundle_dir)]) == 2
+    assert "is not empty; give a new or empty folder" in capsys.readouterr().err

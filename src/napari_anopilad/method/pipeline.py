@@ -26,7 +26,7 @@ def load_pipeline(bundle: Bundle, device: str | torch.device = "cpu") -> StableD
     base = bundle.base_model
     assert base.path is not None
     common = {
-        "torch_dtype": torch.float32,
+        "dtype": torch.float32,
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
