@@ -20,6 +20,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from napari_anopilad.method.bundle import load_bundle
 from napari_anopilad.training.lora import (
     LORA_WEIGHTS_NAME,
     LoraTrainer,
@@ -31,6 +32,7 @@ from napari_anopilad.training.lora import (
     micro_batch_indices,
     train_lora,
 )
+from napari_anopilad.training.scoring import base_model_folder, bundle_with_lora
 
 CAPTIONS = [
     "a histopathological photograph of (lymphocytes)++ and (germinal centre)+ and (sinus) and (capsule)- and (fat)--",
@@ -210,31 +212,32 @@ def test_resume_continues_at_next_step(tiny_sd, examples, tmp_path):
         torch.testing.assert_close(resumed_weights[key], straight_weights[key])
 
 
-def test_checkpoint_reloads_to_same_unet_outputs(tiny_sd, examples, tmp_path):
+def test_checkpoint_reloads_through_bundle(demo_bundle_dir, examples, tmp_path):
     config = LoraTrainingConfig(learning_rate=1e-3, batch_size=2, grad_accum=1, max_steps=1, resolution=64)
-    trainer = train_lora(tiny_sd, examples, tmp_path / "run", config, show_progress=False)
+    trainer = train_lora(demo_bundle_dir, examples, tmp_path / "run", config, show_progress=False)
     checkpoint = checkpoint_folders(tmp_path / "run")[-1]
     weights = load_file(checkpoint / LORA_WEIGHTS_NAME)
     assert weights
     assert all(key.startswith("unet.") for key in weights)
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        tiny_sd, safety_checker=None, requires_safety_checker=False
+    # The bundle loader fuses the LoRA into the UNet weights; the outputs must match the trained adapter.
+    bundle = load_bundle(
+        bundle_with_lora(demo_bundle_dir, checkpoint / LORA_WEIGHTS_NAME, tmp_path / "bundle")
     )
-    pipeline.load_lora_weights(checkpoint, weight_name=LORA_WEIGHTS_NAME)
+    fused_unet = bundle.load_pipeline().unet
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 32, 32, generator=generator)
-    embeds = torch.randn(1, 77, 32, generator=generator)
-    timestep = torch.tensor([500])
+    latents = torch.randn(2, 4, 32, 32, generator=generator)
+    embeds = torch.randn(2, 77, fused_unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([500, 20])
     with torch.no_grad():
         trained = trainer.accelerator.unwrap_model(trainer.unet).eval()
         expected = trained(latents, timestep, encoder_hidden_states=embeds).sample
-        reloaded = pipeline.unet(latents, timestep, encoder_hidden_states=embeds).sample
-        base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")(
+        reloaded = fused_unet(latents, timestep, encoder_hidden_states=embeds).sample
+        base = UNet2DConditionModel.from_pretrained(base_model_folder(demo_bundle_dir), subfolder="unet")(
             latents, timestep, encoder_hidden_states=embeds
         ).sample
-    torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(base, expected, atol=1e-6)
+    torch.testing.assert_close(reloaded, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, expected, atol=1e-5)
 
 
 def test_resume_with_other_settings_raises(tiny_sd, examples, tmp_path):

@@ -13,6 +13,7 @@ run resumed from a checkpoint repeats exactly what the uninterrupted run would h
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -191,11 +192,15 @@ class _StepBatchSampler(torch.utils.data.Sampler):
 
 
 def find_diffusers_folder(folder: Path) -> Path:
-    """Return the folder that holds the diffusers ``unet``, ``vae``, ``text_encoder`` and ``tokenizer``.
+    """Return the folder that contains the diffusers ``unet``, ``vae``, ``text_encoder`` and ``tokenizer``.
 
     Accepts a Stable Diffusion folder in the diffusers layout or a bundle folder that contains one.
     """
     folder = Path(folder)
+    if (folder / "bundle.json").is_file():
+        from napari_anopilad.training.scoring import base_model_folder
+
+        return base_model_folder(folder)
     candidates = (
         [folder, *sorted(path for path in folder.iterdir() if path.is_dir())] if folder.is_dir() else []
     )
@@ -447,7 +452,7 @@ def _check_resume_config(output: Path, config: LoraTrainingConfig) -> None:
     if changed:
         details = ", ".join(f"{key} {stored[key]} -> {getattr(config, key)}" for key in changed)
         raise ValueError(
-            f"{output} holds a run with other settings ({details}): resume with the same settings, "
+            f"{output} contains a run with other settings ({details}): resume with the same settings, "
             "or write to a new output folder"
         )
 
@@ -543,3 +548,108 @@ def train_lora(
             trainer.save_checkpoint(output / f"checkpoint-{trainer.step}")
     progress.close()
     return trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = LoraTrainingConfig()
+    parser = argparse.ArgumentParser(
+        prog="03_train_lora.py",
+        description="Train LoRA weights of the UNet on the captioned normal training patches (step 3).",
+    )
+    parser.add_argument("patches", type=Path, help="extraction folder with the captioned manifest.csv")
+    parser.add_argument(
+        "--bundle", required=True, type=Path, help="bundle (or diffusers folder) with the base model"
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for checkpoint-<step>/ and the loss log"
+    )
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps in total")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="patches per micro-batch and process"
+    )
+    parser.add_argument(
+        "--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="AdamW learning rate (constant)"
+    )
+    parser.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=defaults.caption_dropout,
+        help="probability of the empty caption",
+    )
+    parser.add_argument(
+        "--input-perturbation",
+        type=float,
+        default=defaults.input_perturbation,
+        help="scale of the input perturbation noise",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=defaults.max_grad_norm,
+        help="gradient clipping norm (0 turns it off)",
+    )
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    parser.add_argument("--alpha", type=int, default=defaults.alpha, help="LoRA alpha")
+    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="patch side in pixels")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the data order, noise and LoRA init"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISIONS,
+        default=defaults.mixed_precision,
+        help="auto: bf16 or fp16 on a GPU, no on a CPU",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=defaults.num_workers, help="data loader worker processes"
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start over instead of resuming from the last checkpoint"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train LoRA weights from command-line arguments; return the exit status.
+
+    Launch with ``accelerate launch training/03_train_lora.py ...`` for several GPUs.
+    """
+    from napari_anopilad.training.manifest import read_manifest, select_rows
+
+    args = build_parser().parse_args(argv)
+    config = LoraTrainingConfig(
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+        caption_dropout=args.caption_dropout,
+        input_perturbation=args.input_perturbation,
+        max_grad_norm=args.max_grad_norm,
+        rank=args.rank,
+        alpha=args.alpha,
+        resolution=args.resolution,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        num_workers=args.num_workers,
+    )
+    table = select_rows(read_manifest(args.patches), splits=["train"], labels=["normal"])
+    uncaptioned = int((table["caption"] == "").sum())
+    if uncaptioned:
+        raise SystemExit(
+            f"error: {uncaptioned} training patches have no caption: run the captioning step first"
+        )
+    examples = [
+        TrainingExample(Path(args.patches) / path, caption)
+        for path, caption in zip(table["path"], table["caption"])
+    ]
+    trainer = train_lora(args.bundle, examples, args.output, config, resume=not args.no_resume)
+    if trainer.accelerator.is_main_process:
+        print(f"trained to step {trainer.step}; checkpoints in {args.output}")
+    return 0

@@ -1,0 +1,302 @@
+"""Step 7: evaluate bundles at patch, slide and segmentation level and write a report folder.
+
+- Patch level: AUC and AUPR of z-scores, normal patches of normal slides against tumour patches.
+- Slide level: AUC and AUPR of Z_max and Z_99 (over the eroded heatmap), with percentile bootstrap
+  intervals over slides.
+- Segmentation at threshold 0: prediction is eroded z > 0 on the scored cells; truth is the tumour label
+  of each cell from the annotation coverage; excluded cells are left out. Dice and IoU on tumour slides,
+  TNR on normal slides, averaged over slides.
+
+Undefined values (one class only, no negative cells) are reported as ``n/a`` with the reason, and left
+out of averages. Patch scores are cached per bundle in ``scores/<bundle>.csv``, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from napari_anopilad.training.manifest import read_manifest, read_slides, select_rows
+from napari_anopilad.training.metrics import (
+    BootstrapInterval,
+    MetricValue,
+    average_precision,
+    bootstrap_interval,
+    dice,
+    iou,
+    roc_auc,
+    true_negative_rate,
+)
+
+EVALUATION_SPLITS = ("test-in", "test-out")
+DEMO_WARNING = (
+    "This report was made with a demo bundle (tiny random models): its numbers are meaningless and say "
+    "nothing about the method."
+)
+
+
+@dataclass
+class SlideResult:
+    """One slide's heatmap, slide scores and segmentation metrics."""
+
+    slide: str
+    label: str
+    z_grid: np.ndarray
+    eroded: np.ndarray
+    truth: np.ndarray
+    valid: np.ndarray
+    z_max: float | None
+    z_99: float | None
+    dice: MetricValue | None = None
+    iou: MetricValue | None = None
+    tnr: MetricValue | None = None
+
+
+@dataclass
+class Evaluation:
+    """All metrics of one bundle."""
+
+    name: str
+    demo: bool
+    z_source: str
+    slides: list[SlideResult]
+    patch_labels: np.ndarray
+    patch_z: np.ndarray
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+    intervals: dict[str, BootstrapInterval] = field(default_factory=dict)
+
+
+def slide_results(
+    scores: pd.DataFrame,
+    slides: pd.DataFrame,
+    score_name: str,
+    calibration: tuple[float, float] | None,
+) -> list[SlideResult]:
+    """Build each slide's z-score heatmap and its slide scores and segmentation metrics.
+
+    Parameters
+    ----------
+    scores
+        One row per scored patch with ``slide``, ``row``, ``col``, ``label`` and the score column.
+    slides
+        The slide table (``slides.csv``) with ``slide``, ``label``, ``rows`` and ``cols``.
+    score_name
+        ``lpips`` or ``mse_latent``.
+    calibration
+        ``(mean, std)`` of the score on normal patches; None z-scores each slide against itself.
+    """
+    from napari_anopilad.method.heatmap import (
+        anomaly_mask,
+        erode_heatmap,
+        heatmap_grid,
+        within_slide_stats,
+        z_99,
+        z_max,
+        zscores,
+    )
+
+    results = []
+    for slide in slides.itertuples(index=False):
+        patches = scores[scores["slide"] == slide.slide]
+        if patches.empty:
+            continue
+        values = patches[score_name].to_numpy(dtype=np.float64)
+        mean, std = calibration if calibration is not None else within_slide_stats(values)
+        shape = (int(slide.rows), int(slide.cols))
+        z_grid = heatmap_grid(shape, patches["row"], patches["col"], zscores(values, mean, std))
+        eroded = erode_heatmap(z_grid)
+        labels = np.full(shape, "", dtype=object)
+        labels[patches["row"].to_numpy(), patches["col"].to_numpy()] = patches["label"].to_numpy()
+        truth = labels == "tumour"
+        valid = ~np.isnan(z_grid) & (labels != "excluded")
+        predicted = anomaly_mask(eroded, 0.0)
+        result = SlideResult(
+            slide=slide.slide,
+            label=slide.label,
+            z_grid=z_grid,
+            eroded=eroded,
+            truth=truth,
+            valid=valid,
+            z_max=z_max(eroded),
+            z_99=z_99(eroded),
+        )
+        if slide.label == "tumour":
+            result.dice = dice(predicted, truth, valid)
+            result.iou = iou(predicted, truth, valid)
+        else:
+            result.tnr = true_negative_rate(predicted, truth, valid)
+        results.append(result)
+    return results
+
+
+def _mean_defined(values: Sequence[MetricValue | None], what: str) -> MetricValue:
+    defined = [value.value for value in values if value is not None and value.value is not None]
+    if not defined:
+        return MetricValue(None, f"no slide with a defined {what}")
+    return MetricValue(float(np.mean(defined)))
+
+
+def evaluate(
+    name: str,
+    scores: pd.DataFrame,
+    slides: pd.DataFrame,
+    score_name: str,
+    calibration: tuple[float, float] | None,
+    demo: bool,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Compute every metric of one bundle from its patch scores."""
+    results = slide_results(scores, slides, score_name, calibration)
+    slide_label = dict(zip(slides["slide"], slides["label"]))
+
+    patch_z = []
+    patch_labels = []
+    for result in results:
+        scored = ~np.isnan(result.z_grid)
+        z_values = result.z_grid[scored]
+        cell_labels = np.where(result.truth[scored], "tumour", "normal")
+        excluded = ~result.valid[scored]
+        for z, label, skip in zip(z_values, cell_labels, excluded):
+            if skip:
+                continue
+            if label == "tumour":
+                patch_z.append(z)
+                patch_labels.append(1)
+            elif slide_label[result.slide] == "normal":
+                patch_z.append(z)
+                patch_labels.append(0)
+
+    evaluation = Evaluation(
+        name=name,
+        demo=demo,
+        z_source="calibration" if calibration is not None else "within-slide",
+        slides=results,
+        patch_labels=np.asarray(patch_labels, dtype=int),
+        patch_z=np.asarray(patch_z, dtype=np.float64),
+    )
+    evaluation.metrics["patch_auc"] = roc_auc(evaluation.patch_labels, evaluation.patch_z)
+    evaluation.metrics["patch_aupr"] = average_precision(evaluation.patch_labels, evaluation.patch_z)
+
+    slide_labels = np.asarray([1 if result.label == "tumour" else 0 for result in results], dtype=int)
+    for score_key in ("z_max", "z_99"):
+        values = np.asarray([getattr(result, score_key) for result in results], dtype=np.float64)
+        for metric_key, metric in (("auc", roc_auc), ("aupr", average_precision)):
+            key = f"slide_{metric_key}_{score_key}"
+            evaluation.metrics[key] = metric(slide_labels, values)
+            evaluation.intervals[key] = bootstrap_interval(
+                slide_labels, values, metric, n_bootstrap, seed=seed
+            )
+
+    evaluation.metrics["dice"] = _mean_defined(
+        [result.dice for result in results if result.label == "tumour"], "Dice"
+    )
+    evaluation.metrics["iou"] = _mean_defined(
+        [result.iou for result in results if result.label == "tumour"], "IoU"
+    )
+    evaluation.metrics["tnr"] = _mean_defined(
+        [result.tnr for result in results if result.label != "tumour"], "TNR"
+    )
+    return evaluation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="07_evaluate.py",
+        description="Evaluate bundles on the test slides and write a report folder (step 7).",
+    )
+    parser.add_argument("patches", type=Path, help="extraction folder with manifest.csv and slides.csv")
+    parser.add_argument(
+        "--bundle", required=True, type=Path, action="append", help="bundle folder (repeat to compare)"
+    )
+    parser.add_argument("--report", required=True, type=Path, help="report folder")
+    parser.add_argument("--splits", nargs="+", default=list(EVALUATION_SPLITS), help="splits to evaluate on")
+    parser.add_argument(
+        "--score", choices=("lpips", "mse_latent"), default=None, help="score (bundle's by default)"
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over slides")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--batch-size", type=int, default=16, help="patches per scoring batch")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate bundles from command-line arguments; return the exit status."""
+    from tqdm.auto import tqdm
+
+    from napari_anopilad.method.bundle import load_bundle
+    from napari_anopilad.method.scorer import AnoPILaDScorer
+    from napari_anopilad.training.report import write_report
+    from napari_anopilad.training.scoring import score_rows
+
+    args = build_parser().parse_args(argv)
+    slides = read_slides(args.patches)
+    slides = slides[slides["split"].isin(args.splits)]
+    rows = select_rows(read_manifest(args.patches), splits=args.splits)
+    if rows.empty:
+        raise SystemExit(
+            f"error: no patches in the splits {args.splits}: check the split file of the extraction"
+        )
+    (args.report / "scores").mkdir(parents=True, exist_ok=True)
+
+    evaluations = []
+    names = _unique_names(args.bundle)
+    for bundle_folder, name in zip(args.bundle, names):
+        bundle = load_bundle(bundle_folder, device=args.device)
+        score_name = args.score or bundle.settings.score
+        scorer = AnoPILaDScorer(bundle, args.device)
+        scores_path = args.report / "scores" / f"{name}.csv"
+        key_path = scores_path.with_suffix(".key")
+        key = f"{bundle.identity} {bundle.settings.score_key()}"
+        if key_path.is_file() and key_path.read_text() != key:
+            scores_path.unlink(missing_ok=True)
+        key_path.write_text(key)
+        with tqdm(total=len(rows), desc=f"scoring {name}", unit="patch") as progress:
+            scores = score_rows(scorer, args.patches, rows, scores_path, args.batch_size, progress)
+        calibration = scorer.calibration
+        stats = None if calibration is None else (calibration.mean[score_name], calibration.std[score_name])
+        evaluations.append(
+            evaluate(
+                name,
+                scores,
+                slides,
+                score_name,
+                stats,
+                bundle.demo,
+                n_bootstrap=args.bootstrap,
+                seed=args.seed,
+            )
+        )
+
+    annotations = _read_slide_annotations(slides)
+    table = write_report(args.report, evaluations, slides, annotations)
+    print(table.to_string(index=False))
+    print(f"report written to {args.report}")
+    return 0
+
+
+def _unique_names(folders: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for folder in folders:
+        name = Path(folder).resolve().name
+        while name in names:
+            name += "+"
+        names.append(name)
+    return names
+
+
+def _read_slide_annotations(slides: pd.DataFrame) -> dict[str, Any]:
+    from napari_anopilad.io.annotations import read_annotations
+
+    annotations = {}
+    for slide in slides.itertuples(index=False):
+        if slide.annotation_path:
+            annotations[slide.slide] = read_annotations(slide.annotation_path)
+    return annotations
