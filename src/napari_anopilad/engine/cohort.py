@@ -487,6 +487,16 @@ def _task_key(kind: str, run_token: str, *parts: Any) -> str:
     return f"{kind}-{run_token}-{digest}"
 
 
+def block_key(run_token: str, store_folder: str, cells: NDArray[np.int64]) -> tuple[str, str, str]:
+    """Return the dask key of a block task: ``("score-block-<run>", store folder, hash of the cells)``.
+
+    The dashboard groups the tasks by the first element; the store folder tells which slide a running
+    block writes to.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(cells, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return (f"score-block-{run_token}", store_folder, digest)
+
+
 @dataclass
 class CohortProgress:
     """Counts a cohort run reports as it goes: patches planned, patches finished and slides finished."""
@@ -539,7 +549,7 @@ def run_cohort(
     progress = CohortProgress()
     outcomes: dict[str, SlideOutcome] = {}
     # What each future is: ("prepare" | "block" | "finish", slide index, number of cells).
-    roles: dict[str, tuple[str, int, int]] = {}
+    roles: dict[Any, tuple[str, int, int]] = {}
     # Futures stay referenced here until the end, so a block that two slides share is kept for both.
     held: list[Any] = []
 
@@ -582,7 +592,7 @@ def run_cohort(
             blocks = []
             for block_cells in plan.blocks:
                 # Slides with the same store (copies of one file, a shared --store) share block tasks.
-                key = _task_key("score-block", run_token, plan.store_folder, block_cells.tolist())
+                key = block_key(run_token, plan.store_folder, block_cells)
                 block = client.submit(
                     score_block, plan, block_cells, options, key=key, priority=len(slides) - index
                 )
