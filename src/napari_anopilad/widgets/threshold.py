@@ -122,8 +122,11 @@ class ThresholdWidget(QWidget):
             self.refresh()
 
     def _on_threshold_changed(self, threshold: float) -> None:
-        if abs(self.spin_box.value() - threshold) > 1e-9:
-            self.spin_box.setValue(threshold)
+        # Show a threshold set elsewhere without feeding the box's rounded value back to the analysis.
+        for control in (self.spin_box, self.slider):
+            control.blockSignals(True)
+            control.setValue(threshold)
+            control.blockSignals(False)
         self.refresh()
 
     def refresh(self) -> None:
