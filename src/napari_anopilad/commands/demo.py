@@ -178,6 +178,7 @@ def add_result_layers(viewer: Any, slide_path: Path, outputs: AnalysisOutputs, h
     )
 
     collection = json.loads(Path(outputs.files["regions.geojson"]).read_text())
+    # NOTE: only each region's outer ring is drawn; holes of a ring-shaped region are not shown.
     shapes = [
         np.asarray(feature["geometry"]["coordinates"][0], dtype=float)[:, ::-1]
         for feature in collection["features"]

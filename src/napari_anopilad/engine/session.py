@@ -44,6 +44,9 @@ class OutOfMemoryAtBatchSizeOne(RuntimeError):
 class BatchResult:
     """One finished batch, as :meth:`AnalysisSession.run` yields it.
 
+    A writer thread stores the batch while the next one is scored; it is in the store before the next
+    batch is yielded and before the run ends.
+
     Attributes
     ----------
     cells : ndarray of int64, shape (n, 2)
