@@ -39,8 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="text file with one slide path per line (blank lines and lines starting with # are skipped; "
         "relative paths are relative to the file's folder)",
     )
+
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created when missing)")
+
     parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -52,6 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         help="worker processes of the local cluster (default: one per visible GPU, else min(4, cores/2))",
     )
+
     parser.add_argument(
         "--block-size",
         type=int,
@@ -68,6 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=":8787",
         help="where the local cluster's dask dashboard listens (default: :8787, another port when taken)",
     )
+
     add_analysis_arguments(parser)
     for action in parser._actions:
         # The shared options describe one slide's store; a cohort keeps one store per slide by default.
@@ -178,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
     options.out.mkdir(parents=True, exist_ok=True)
     cluster, client = _connect(args)
     try:
-        if client.dashboard_link:
-            print(f"Dask dashboard: {client.dashboard_link}")
+        print(f"Dask dashboard: {_dashboard_link(client)}")
         outcomes = analyze_cohort(client, slides, options)
     finally:
         client.close()
@@ -189,6 +192,15 @@ def run(args: argparse.Namespace) -> int:
     table = write_cohort_csv(options.out / COHORT_CSV, outcomes)
     print_cohort_summary(outcomes, table)
     return 0 if all(outcome.status == "ok" for outcome in outcomes) else 1
+
+
+def _dashboard_link(client: Any) -> str:
+    try:
+        link = client.dashboard_link
+    except KeyError:
+        # The scheduler runs without the dashboard service (for example without bokeh installed).
+        link = None
+    return link or "none (the scheduler runs no dashboard)"
 
 
 def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool = True) -> list[Any]:

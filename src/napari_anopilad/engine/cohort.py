@@ -130,7 +130,7 @@ class CohortOptions:
 
 @dataclass(frozen=True)
 class SlidePlan:
-    """What ``prepare_slide`` found for one slide.
+    """The plan of one slide, as ``prepare_slide`` returns it.
 
     Attributes
     ----------
@@ -169,7 +169,7 @@ class SlidePlan:
 
 @dataclass(frozen=True)
 class BlockOutcome:
-    """What ``score_block`` did: how many patches it computed and reused, or why it failed."""
+    """The result of one ``score_block`` task: patches computed and reused, or the error."""
 
     status: str
     n_cells: int
@@ -444,7 +444,7 @@ def finish_slide(
             )
             if results.n_patches < plan.n_patches:
                 raise RuntimeError(
-                    f"the result store {store.folder} holds {results.n_patches} of the slide's "
+                    f"the result store {store.folder} contains {results.n_patches} of the slide's "
                     f"{plan.n_patches} patches; run the cohort again to score the rest"
                 )
             files = write_outputs(
@@ -490,8 +490,8 @@ def _task_key(kind: str, run_token: str, *parts: Any) -> str:
 def block_key(run_token: str, store_folder: str, cells: NDArray[np.int64]) -> tuple[str, str, str]:
     """Return the dask key of a block task: ``("score-block-<run>", store folder, hash of the cells)``.
 
-    The dashboard groups the tasks by the first element; the store folder tells which slide a running
-    block writes to.
+    The dashboard groups the tasks by the first element, and the store folder identifies the slide
+    that a running block writes to.
     """
     digest = hashlib.sha256(np.ascontiguousarray(cells, dtype=np.int64).tobytes()).hexdigest()[:16]
     return (f"score-block-{run_token}", store_folder, digest)

@@ -47,7 +47,7 @@ def worker_environments(
     -------
     list of dict
         One dict per worker. GPU workers get ``CUDA_VISIBLE_DEVICES`` set to one GPU each (round robin when
-        there are more workers than GPUs), so each sees its GPU as ``cuda:0``. CPU workers get no GPU and
+        there are more workers than GPUs), so each uses its GPU as ``cuda:0``. CPU workers get no GPU and
         ``OMP_NUM_THREADS`` set to their share of the cores (dask's nanny sets 1 by default).
 
     Raises
