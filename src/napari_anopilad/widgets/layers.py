@@ -5,8 +5,8 @@ The slide layer's world frame is level-0 pixels with the centre of level-0 pixel
 ``[y - 0.5, y + 0.5) x [x - 0.5, x + 0.5)``. Grid cell ``(row, col)`` covers level-0 pixels
 ``[row * P, (row + 1) * P) x [col * P, (col + 1) * P)``, that is world
 ``[row * P - 0.5, (row + 1) * P - 0.5)`` along y and likewise along x. A grid layer with one data pixel
-per cell and scale ``P`` puts the centre of cell ``row`` at ``row * P + translate``, and its edges half a
-cell either side; solving ``row * P + translate - P / 2 = row * P - 0.5`` gives
+per cell and scale ``P`` puts the centre of cell ``row`` at ``row * P + translate``, with its edges half a
+cell either side. Solving ``row * P + translate - P / 2 = row * P - 0.5`` gives
 ``translate = P / 2 - 0.5``.
 """
 

@@ -96,7 +96,7 @@ class SlideAnalysis:
 
     Notes
     -----
-    ``z_grid`` holds each patch's z-score and ``eroded`` the 2x2-eroded heatmap, both ``(rows, cols)``
+    ``z_grid`` contains each patch's z-score and ``eroded`` the 2x2-eroded heatmap, both ``(rows, cols)``
     float32 arrays with NaN where no score exists. The heatmap layer shows ``eroded`` itself, so a
     refresh after an in-place update redraws it.
     """
@@ -157,8 +157,8 @@ class SlideAnalysis:
         )
 
     def _add_anomalies_layer(self) -> Any:
-        # A label pixel is P / k level-0 pixels; the same half-pixel reasoning as for the heatmap
-        # places label pixel i over level-0 pixels [i * P / k, (i + 1) * P / k).
+        # A label pixel is P / k level-0 pixels. The heatmap's half-pixel reasoning then places label
+        # pixel i over level-0 pixels [i * P / k, (i + 1) * P / k).
         scale, translate = grid_layer_transform(self.patch_size_level0 / self.label_scale)
         name = f"{self.name} anomalies"
         if name in self.viewer.layers:
@@ -270,7 +270,7 @@ class SlideAnalysis:
         }
 
     def read_patch(self, row: int, col: int) -> NDArray[np.uint8]:
-        """Read patch ``(row, col)`` as the model sees it: ``(patch_size, patch_size, 3)`` uint8 RGB."""
+        """Read patch ``(row, col)`` as the model receives it: ``(patch_size, patch_size, 3)`` uint8 RGB."""
         from napari_anopilad.slide import read_patches
 
         return read_patches(self.slide, self.grid, np.array([[row, col]]))[0]
@@ -367,7 +367,7 @@ class PatchAccumulator:
             )
 
     def mark_reconstructed(self, row: int, col: int) -> None:
-        """Record that the store now holds the reconstruction of cell ``(row, col)``."""
+        """Record that the store now contains the reconstruction of cell ``(row, col)``."""
         record = self._records.get((int(row), int(col)))
         if record is not None:
             self._records[(int(row), int(col))] = (*record[:6], True)
