@@ -205,6 +205,30 @@ def cells_in_region(
     return cells[overlaps]
 
 
+def select_cells(slide: Any, grid: Any, region_level0: tuple[int, int, int, int] | None) -> NDArray[np.int64]:
+    """Return the tissue cells to analyse, ``(n, 2)`` of ``(row, col)``: all, or those overlapping the region.
+
+    Raises
+    ------
+    CommandError
+        If the region is empty or outside the slide, or no tissue cell is left.
+    """
+    cells = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
+    if region_level0 is None:
+        if cells.size == 0:
+            raise CommandError(f"slide {slide.path} has no tissue patch: check that it is a tissue section")
+        return cells
+
+    width_level0, height_level0 = slide.dimensions
+    _check_region(region_level0, width_level0, height_level0)
+    cells = cells_in_region(grid, cells, region_level0)
+    if cells.size == 0:
+        raise CommandError(
+            f"--region {' '.join(map(str, region_level0))} contains no tissue patch: choose a box over tissue"
+        )
+    return cells
+
+
 def _check_region(region_level0: tuple[int, int, int, int], slide_width: int, slide_height: int) -> None:
     x_level0, y_level0, width_level0, height_level0 = region_level0
     if width_level0 <= 0 or height_level0 <= 0:
@@ -257,6 +281,8 @@ def analyze(
 
     if batch_size < 1:
         raise CommandError(f"--batch-size {batch_size} is invalid: use 1 or more")
+    if not np.isfinite(threshold):
+        raise CommandError(f"--threshold {threshold} is invalid: give a finite z-score, for example 0")
     if mpp is not None and not mpp > 0:
         raise CommandError(f"--mpp {mpp} is invalid: give the level-0 microns per pixel, a positive number")
     if not Path(slide_path).is_file():
@@ -277,17 +303,7 @@ def analyze(
     with open_slide(slide_path, mpp=mpp) as slide:
         tissue_mask = compute_tissue_mask(slide)
         grid = build_patch_grid(slide, tissue_mask=tissue_mask)
-        cells = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
-        if region_level0 is not None:
-            width_level0, height_level0 = slide.dimensions
-            _check_region(region_level0, width_level0, height_level0)
-            cells = cells_in_region(grid, cells, region_level0)
-            if cells.size == 0:
-                raise CommandError(
-                    f"--region {' '.join(map(str, region_level0))} contains no tissue patch: choose a box over tissue"
-                )
-        elif cells.size == 0:
-            raise CommandError(f"slide {slide_path} has no tissue patch: check that it is a tissue section")
+        cells = select_cells(slide, grid, region_level0)
 
         store = ResultStore(
             store_root if store_root is not None else out / "store",
