@@ -56,6 +56,18 @@ def test_fewer_samples_than_dimensions_stay_finite():
     assert np.isfinite(value)
 
 
+def test_singular_covariances_match_eigenvalue_form():
+    rng = np.random.default_rng(4)
+    features_a, features_b = rng.normal(size=(3, 64)), rng.normal(loc=0.3, size=(3, 64)) * 2
+    covariance_a, covariance_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    # Tr((AB)^(1/2)) from the nonzero eigenvalues of AB (rank 2 here), which are real and non-negative.
+    eigenvalues = np.linalg.eigvals(covariance_a @ covariance_b).real
+    trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0, None)))
+    mean_difference = features_a.mean(axis=0) - features_b.mean(axis=0)
+    expected = mean_difference @ mean_difference + np.trace(covariance_a + covariance_b) - 2 * trace_sqrt
+    assert fid_from_features(features_a, features_b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_dimension_mismatch_raises():
     with pytest.raises(ValueError, match="differ in dimension"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))

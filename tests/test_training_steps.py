@@ -18,17 +18,17 @@ from sklearn.metrics import roc_auc_score
 from napari_anopilad.training import calibrate, caption, evaluate, extract, lora, select_checkpoint, sweep
 from napari_anopilad.training.fid import save_random_inception_weights
 
-# A square tumour area over the middle of CMU-1-Small-Region, in level-0 pixels. The slide is skin, not
+# A tumour rectangle over the middle of CMU-1-Small-Region, in level-0 pixels. The slide is skin, not
 # lymph node: the label only exercises the evaluation code.
 TUMOUR_XML = """<?xml version="1.0"?>
 <ASAP_Annotations>
   <Annotations>
     <Annotation Name="Annotation 0" Type="Polygon" PartOfGroup="Tumor" Color="#F4FA58">
       <Coordinates>
-        <Coordinate Order="0" X="900" Y="900" />
-        <Coordinate Order="1" X="1700" Y="900" />
-        <Coordinate Order="2" X="1700" Y="1700" />
-        <Coordinate Order="3" X="900" Y="1700" />
+        <Coordinate Order="0" X="1000" Y="400" />
+        <Coordinate Order="1" X="1600" Y="400" />
+        <Coordinate Order="2" X="1600" Y="1600" />
+        <Coordinate Order="3" X="1000" Y="1600" />
       </Coordinates>
     </Annotation>
   </Annotations>
@@ -76,7 +76,7 @@ def patches(workspace: Path) -> Path:
         "--target-mpp",
         "1.0",
         "--max-patches-per-slide",
-        "6",
+        "3",
     ]
     assert extract.main(arguments) == 0
     assert extract.main(arguments) == 0
@@ -89,16 +89,18 @@ def test_extract_manifest_and_labels(patches: Path):
     assert set(manifest["split"]) == {"train", "validation", "test-in", "test-out"}
     assert slides.loc["CMU-1-Small-Region", "label"] == "tumour"
     assert slides.loc["TCGA-normal", "label"] == "normal"
-    assert (manifest.groupby("slide").size() <= 6).all()
+    assert (manifest.groupby("slide").size() <= 3).all()
     for path in manifest["path"]:
         assert (patches / path).is_file()
     cmu = manifest[manifest["slide"] == "CMU-1-Small-Region"].set_index(["row", "col"])
-    # Cell (2, 2) covers level-0 [1026, 1539)^2, inside the tumour square; row 4 lies below it.
-    assert cmu.loc[(2, 2), "label"] == "tumour"
-    assert cmu.loc[(2, 2), "tumour_fraction"] == pytest.approx(1.0)
-    assert cmu.loc[(4, 2), "label"] == "normal"
-    box = cmu.loc[(2, 2), ["x_level0", "y_level0", "width_level0", "height_level0"]].tolist()
-    assert box == [1026, 1026, 513, 513]
+    # Cell (1, 2) covers level-0 x [1026, 1539), y [513, 1026), inside the tumour rectangle; cell (3, 2)
+    # reaches 61 px into it (excluded as partly tumorous), and cell (4, 3) lies below it.
+    assert cmu.loc[(1, 2), "label"] == "tumour"
+    assert cmu.loc[(1, 2), "tumour_fraction"] == pytest.approx(1.0)
+    assert cmu.loc[(3, 2), "label"] == "excluded"
+    assert cmu.loc[(4, 3), "label"] == "normal"
+    box = cmu.loc[(1, 2), ["x_level0", "y_level0", "width_level0", "height_level0"]].tolist()
+    assert box == [1026, 513, 513, 513]
 
 
 def test_extract_rejects_slide_missing_from_split(workspace: Path, tmp_path: Path):
@@ -150,6 +152,8 @@ def selected(captioned: Path, checkpoints: Path, workspace: Path) -> Path:
         str(checkpoints),
     ]
     arguments += ["--inception", str(inception), "--inception-size", "75", "--output", str(output)]
+    # Start timestep 100 on the demo's 20-step grid is 2 UNet steps: fast, and enough to compare checkpoints.
+    arguments += ["--start-timestep", "100"]
     assert select_checkpoint.main(arguments) == 0
     return output
 
@@ -189,7 +193,7 @@ def test_sweep_reports_each_timestep(captioned: Path, selected: Path, workspace:
 
 @pytest.fixture(scope="module")
 def calibrated(captioned: Path, selected: Path) -> Path:
-    assert calibrate.main([str(captioned), "--bundle", str(selected)]) == 0
+    assert calibrate.main([str(captioned), "--bundle", str(selected), "--start-timestep", "100"]) == 0
     return selected
 
 
@@ -200,6 +204,8 @@ def test_calibrate_writes_population_statistics(calibrated: Path, captioned: Pat
     validation = manifest[(manifest["split"] == "validation") & (manifest["label"] == "normal")]
     assert sorted(scores["path"]) == sorted(validation["path"])
     assert spec["calibration"]["count"] == len(validation)
+    assert spec["settings"]["start_timestep"] == 100
+    assert spec["calibration"]["settings"]["start_timestep"] == 100
     for name in ("lpips", "mse_latent"):
         assert spec["calibration"]["scores"][name]["mean"] == pytest.approx(scores[name].mean())
         assert spec["calibration"]["scores"][name]["std"] == pytest.approx(np.std(scores[name], ddof=0))

@@ -1,8 +1,9 @@
 """Step 6: measure the calibration statistics of a bundle on held-out normal validation patches.
 
 Each score (LPIPS and latent MSE) of the normal patches of validation slides is summarised by its mean and
-population standard deviation (``ddof=0``), and written with the inference settings into ``bundle.json``;
-z-scores at inference are ``(score - mean) / std``. Scores are cached in ``calibration_scores.csv`` in the
+population standard deviation (``ddof=0``), and written with the inference settings into ``bundle.json``.
+Z-scores at inference are ``(score - mean) / std``. A ``--start-timestep`` override (the sweep's choice)
+also becomes the bundle's start timestep, because the statistics only hold for it. Scores are cached in ``calibration_scores.csv`` in the
 bundle folder, so an interrupted run resumes.
 """
 
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="validation", help="split whose normal patches calibrate")
     parser.add_argument(
-        "--start-timestep", type=int, default=None, help="override the bundle's start timestep"
+        "--start-timestep",
+        type=int,
+        default=None,
+        help="start timestep to calibrate at; it becomes the bundle's",
     )
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per scoring batch")
@@ -70,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     std = {name: float(np.std(scores[name], ddof=0)) for name in SCORES}
     calibration = Calibration(mean=mean, std=std, count=len(scores), settings=settings)
     spec = read_bundle_spec(args.bundle)
+    spec["settings"] = settings.to_dict()
     spec["calibration"] = calibration.to_dict()
     write_bundle_spec(args.bundle, spec)
     for name in SCORES:

@@ -44,9 +44,10 @@ def frechet_distance(
     """Compute the Fréchet distance between two Gaussians.
 
     ``|mean_a - mean_b|^2 + Tr(covariance_a + covariance_b - 2 (covariance_a covariance_b)^(1/2))``,
-    with the matrix square root from ``scipy.linalg.sqrtm``. When the product is singular (fewer
-    samples than dimensions), ``eps`` is added to both diagonals before the square root; the small
-    imaginary part that rounding leaves is dropped.
+    with the matrix square root from ``scipy.linalg.sqrtm``. When that fails, ``eps`` is added to both
+    diagonals first. The small imaginary part that rounding leaves is dropped. When the covariances are
+    singular (fewer samples than dimensions) and sqrtm is still inaccurate, the trace is computed from
+    the eigenvalues of the symmetric ``sqrt(A) B sqrt(A)``.
     """
     mean_a = np.atleast_1d(np.asarray(mean_a, dtype=np.float64))
     mean_b = np.atleast_1d(np.asarray(mean_b, dtype=np.float64))
@@ -58,26 +59,30 @@ def frechet_distance(
             f"covariances {covariance_a.shape} and {covariance_b.shape}"
         )
 
+    trace_sqrt = _trace_sqrt_product(covariance_a, covariance_b, eps)
+
+    mean_difference = mean_a - mean_b
+    return float(
+        mean_difference @ mean_difference + np.trace(covariance_a) + np.trace(covariance_b) - 2.0 * trace_sqrt
+    )
+
+
+def _trace_sqrt_product(
+    covariance_a: NDArray[np.floating], covariance_b: NDArray[np.floating], eps: float
+) -> float:
     product_sqrt = scipy.linalg.sqrtm(covariance_a @ covariance_b)
     if not np.isfinite(product_sqrt).all():
         offset = np.eye(covariance_a.shape[0]) * eps
         product_sqrt = scipy.linalg.sqrtm((covariance_a + offset) @ (covariance_b + offset))
-    if np.iscomplexobj(product_sqrt):
-        largest_imaginary = np.max(np.abs(np.diagonal(product_sqrt).imag))
-        if largest_imaginary > 1e-3:
-            raise ValueError(
-                f"the covariance product has a matrix square root with imaginary part {largest_imaginary:.3g}: "
-                "the features are degenerate; use more patches than feature dimensions"
-            )
-        product_sqrt = product_sqrt.real
+    if np.isfinite(product_sqrt).all() and np.max(np.abs(np.imag(product_sqrt))) < 1e-3:
+        return float(np.trace(np.real(product_sqrt)))
 
-    mean_difference = mean_a - mean_b
-    return float(
-        mean_difference @ mean_difference
-        + np.trace(covariance_a)
-        + np.trace(covariance_b)
-        - 2.0 * np.trace(product_sqrt)
-    )
+    # With fewer samples than dimensions the covariances are singular and sqrtm of their product can be
+    # far off. The eigenvalues of A B equal those of the symmetric sqrt(A) B sqrt(A), which eigh handles.
+    eigenvalues_a, vectors_a = scipy.linalg.eigh(covariance_a)
+    sqrt_a = (vectors_a * np.sqrt(np.clip(eigenvalues_a, 0, None))) @ vectors_a.T
+    middle = sqrt_a @ covariance_b @ sqrt_a
+    return float(np.sum(np.sqrt(np.clip(scipy.linalg.eigvalsh((middle + middle.T) / 2), 0, None))))
 
 
 def fid_from_features(features_a: NDArray[np.floating], features_b: NDArray[np.floating]) -> float:
@@ -168,7 +173,8 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     For tests and dry runs only: FIDs from random weights are meaningless.
     """
     torch.manual_seed(seed)
-    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    # torchvision's own initialisation (truncated normal, std 0.1) keeps the random features from collapsing.
+    model = inception_v3(weights=None, aux_logits=False, init_weights=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

@@ -83,7 +83,7 @@ def average_precision(labels: ArrayLike, scores: ArrayLike) -> MetricValue:
     """Compute the area under the precision-recall curve (average precision) for tumour (1).
 
     Returns an undefined value when the labels hold one class only: with no tumour items recall is
-    undefined, and with no normal items the value says nothing about the ranking.
+    undefined, and with no normal items it measures no ranking.
     """
     labels_array, scores_array = _binary_inputs(labels, scores)
     reason = _undefined_reason(labels_array)

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--inception-size", type=int, default=INCEPTION_SIZE, help="Inception input side (299)"
     )
+    parser.add_argument(
+        "--start-timestep",
+        type=int,
+        default=None,
+        help="reconstruct from this timestep (bundle's by default)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per batch")
     return parser
@@ -94,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if checkpoint.name in set(results["checkpoint"]):
             continue
         scratch = bundle_with_lora(args.bundle, checkpoint / LORA_WEIGHTS_NAME, work / checkpoint.name)
-        scorer = AnoPILaDScorer(load_bundle(scratch, device=args.device), args.device)
+        scratch_bundle = load_bundle(scratch, device=args.device)
+        settings = scratch_bundle.settings.with_overrides(start_timestep=args.start_timestep)
+        scorer = AnoPILaDScorer(scratch_bundle, args.device, settings)
         generated = []
         for start in range(0, len(real), args.batch_size):
             scores = scorer.score(
