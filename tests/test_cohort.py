@@ -230,6 +230,7 @@ def reference_runs(
 # -- the cluster and the killed run -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cluster_has_two_cpu_workers(cluster_client: Any) -> None:
     _, client = cluster_client
     workers = client.scheduler_info()["workers"]
@@ -241,6 +242,7 @@ def test_cluster_has_two_cpu_workers(cluster_client: Any) -> None:
     assert sorted(environments.values()) == [("", "1"), ("", "1")]
 
 
+@pytest.mark.slow
 def test_cohort_reports_failed_slide(killed_run: dict[str, Any]) -> None:
     assert killed_run["status"] == 1
     rows = _read_cohort_csv(killed_run["out"] / "cohort.csv")
@@ -255,6 +257,7 @@ def test_cohort_reports_failed_slide(killed_run: dict[str, Any]) -> None:
         assert int(by_slide[name]["n_patches"]) == MAX_PATCHES
 
 
+@pytest.mark.slow
 def test_cohort_csv_sorted_by_z99(killed_run: dict[str, Any]) -> None:
     out = killed_run["out"]
     rows = _read_cohort_csv(out / "cohort.csv")
@@ -274,6 +277,7 @@ def test_cohort_csv_sorted_by_z99(killed_run: dict[str, Any]) -> None:
         assert int(row["n_anomalous_patches"]) == summary["n_anomalous_patches"]
 
 
+@pytest.mark.slow
 def test_cohort_prints_dashboard_and_summary(killed_run: dict[str, Any]) -> None:
     printed = killed_run["stdout"]
     assert "Dask dashboard: http://" in printed
@@ -282,12 +286,14 @@ def test_cohort_prints_dashboard_and_summary(killed_run: dict[str, Any]) -> None
     assert "failed:" in printed
 
 
+@pytest.mark.slow
 def test_killed_worker_was_restarted(killed_run: dict[str, Any], cluster_client: Any) -> None:
     _, client = cluster_client
     client.wait_for_workers(2, timeout=120)
     assert killed_run["kill"]["pid"] not in client.run(os.getpid).values()
 
 
+@pytest.mark.slow
 def test_kill_loses_only_batch_in_flight(killed_run: dict[str, Any]) -> None:
     out = killed_run["out"]
     for name in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "CMU-copy"):
@@ -302,6 +308,7 @@ def test_kill_loses_only_batch_in_flight(killed_run: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_slide_outputs_written(killed_run: dict[str, Any]) -> None:
     out = killed_run["out"]
     for name in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "CMU-copy"):
@@ -313,6 +320,7 @@ def test_slide_outputs_written(killed_run: dict[str, Any]) -> None:
 # -- equality with the single-machine command ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cohort_name", ["CMU-1-Small-Region", "CMU-copy", "TCGA-CR-7395-01A-01-TS1"])
 def test_store_equals_single_machine(
     killed_run: dict[str, Any], reference_runs: dict[str, Path], cohort_name: str
@@ -331,6 +339,7 @@ def test_store_equals_single_machine(
             np.testing.assert_array_equal(cohort_entries[cell][key], expected[key], err_msg=f"{cell} {key}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cohort_name", ["CMU-1-Small-Region", "CMU-copy", "TCGA-CR-7395-01A-01-TS1"])
 def test_outputs_equal_single_machine(
     killed_run: dict[str, Any], reference_runs: dict[str, Path], cohort_name: str
@@ -359,6 +368,7 @@ def test_outputs_equal_single_machine(
     )
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_stores(
     killed_run: dict[str, Any],
     cluster_client: Any,

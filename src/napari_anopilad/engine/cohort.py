@@ -226,11 +226,13 @@ class _LoadedModel:
 
 
 _cache_lock = threading.Lock()
-_cache: dict[tuple[str, str], _LoadedModel] = {}
+_cache: dict[tuple[str, str, str], _LoadedModel] = {}
 
 
-def _model_key(options: CohortOptions) -> tuple[str, str]:
-    return str(Path(options.bundle).resolve()), json.dumps(options.overrides, sort_keys=True, default=str)
+def _model_key(options: CohortOptions) -> tuple[str, str, str]:
+    # A long-lived worker may serve cohorts with another bundle, other settings or another device.
+    overrides = json.dumps(options.overrides, sort_keys=True, default=str)
+    return str(Path(options.bundle).resolve()), overrides, options.device
 
 
 def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:

@@ -73,6 +73,7 @@ def worker_environments(
         raise ValueError(f"--n-workers {n_workers} is invalid: use 1 or more")
 
     if request != "cpu" and gpus:
+        # NOTE: tests check these environments, but the GPU workers themselves have not run on a GPU machine yet.
         count = n_workers if n_workers is not None else len(gpus)
         return [{"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} for index in range(count)]
 
