@@ -50,6 +50,7 @@ def test_demo_writes_labelled_outputs(demo_run: tuple[Path, str]) -> None:
     assert summary["n_patches"] == 2
     assert "DEMO output" in printed
     assert "scores, heatmap and regions mean nothing" in printed
+    assert "All of these files are DEMO output" in printed
     assert "To view the result" in printed
     assert str(out / "overlay.png") in printed
 
@@ -94,12 +95,12 @@ def test_demo_layers_align_with_slide(demo_run: tuple[Path, str], make_napari_vi
     slide_layer, heatmap_layer = layers[0], layers[1]
     assert heatmap_layer.name.startswith("DEMO")
     np.testing.assert_array_equal(heatmap_layer.data, heatmap.grid)
-    # Cell (8, 5) covers level-0 pixels [2048, 2304) x [1280, 1536); the slide layer puts level-0
-    # pixel j's centre at world j, so the cell's centre is at 2048 + 127.5, 1280 + 127.5.
+    # Cell (8, 5) covers level-0 pixels [2048, 2304) x [1280, 1536). The slide layer puts level-0
+    # pixel j's centre at world j, so the cell's centre is at (2048 + 127.5, 1280 + 127.5).
     np.testing.assert_allclose(heatmap_layer.data_to_world((8, 5)), (2175.5, 1407.5))
     np.testing.assert_allclose(slide_layer.data_to_world((2175.5, 1407.5)), (2175.5, 1407.5))
-    # The layers' extents run from first to last pixel centre, so their outer edges are half a pixel
-    # further out; both start at world -0.5, the top-left corner of level-0 pixel (0, 0).
+    # The layers' extents run from the first to the last pixel centre, so their outer edges are half
+    # a pixel further out. Both edges are at world -0.5, the top-left corner of level-0 pixel (0, 0).
     heatmap_edge = heatmap_layer.extent.world[0] - np.asarray(heatmap_layer.scale) / 2
     slide_edge = slide_layer.extent.world[0] - np.asarray(slide_layer.scale) / 2
     np.testing.assert_allclose(heatmap_edge, (-0.5, -0.5))

@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options that ``analyze`` shares with ``demo``."""
+    """Add the region, threshold, device, batch size, resolution, inference and store options."""
     parser.add_argument(
         "--region",
         type=int,

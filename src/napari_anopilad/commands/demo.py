@@ -12,7 +12,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from napari_anopilad.commands.analyze import DEMO_WARNING, AnalysisOutputs, analyze, print_summary
+from napari_anopilad.commands.analyze import AnalysisOutputs, analyze, print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
         print_summary(outputs)
-        print(f"These are {DEMO_WARNING[0].lower()}{DEMO_WARNING[1:]}.")
+        print("All of these files are DEMO output: their scores mean nothing.")
 
         if args.no_viewer:
             print(_how_to_view(slide_path, outputs))
