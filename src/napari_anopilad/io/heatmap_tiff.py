@@ -8,8 +8,6 @@ pixel are known, the resolution tags give the cell size, so image viewers show p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import numpy as np
 import tifffile
 from numpy.typing import ArrayLike, NDArray
+
+from napari_anopilad.io.atomic import atomic_output
 
 HEATMAP_FORMAT = "napari-anopilad heatmap"
 HEATMAP_FORMAT_VERSION = 1
@@ -97,18 +97,11 @@ def write_heatmap_tiff(
         options["resolution"] = (cells_per_centimetre, cells_per_centimetre)
         options["resolutionunit"] = tifffile.RESUNIT.CENTIMETER
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_output(path) as temporary:
         # metadata=None stops tifffile from writing its own JSON description in place of ours.
         tifffile.imwrite(
             temporary, grid, photometric="minisblack", description=description_text, metadata=None, **options
         )
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -7,8 +7,6 @@ involved and rendering is safe in worker threads and on headless machines.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import Normal, Stroke
 from numpy.typing import ArrayLike, NDArray
+
+from napari_anopilad.io.atomic import atomic_output
 
 from .regions import mask_to_polygons
 
@@ -208,13 +208,6 @@ def render_overlay_png(
         )
     axes.set_title(heading)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix=".png") as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

@@ -11,8 +11,6 @@ through JTS) accepts as a valid polygon.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
+
+from napari_anopilad.io.atomic import atomic_output
 
 from .geometry import Polygon, signed_ring_area
 
@@ -267,15 +267,8 @@ def write_regions_geojson(
     collection = regions_feature_collection(
         polygons, z_max_values, mpp=mpp, classification=classification, color=color, properties=properties
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(collection, file, indent=1, ensure_ascii=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary, temporary.open("w", encoding="utf-8") as file:
+        json.dump(collection, file, indent=1, ensure_ascii=False)
     return path
 
 

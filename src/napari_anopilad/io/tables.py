@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from napari_anopilad.io.atomic import atomic_output
 
 PATCH_COLUMNS = (
     "x",
@@ -110,17 +110,10 @@ def write_patches_csv(path: str | Path, records: Iterable[Mapping[str, Any]]) ->
     """
     path = Path(path)
     rows = [_format_row(record, number) for number, record in enumerate(records)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file, quoting=csv.QUOTE_MINIMAL)
-            writer.writerow(PATCH_COLUMNS)
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(PATCH_COLUMNS)
+        writer.writerows(rows)
     return path
 
 
