@@ -50,10 +50,14 @@ def test_gaussian_samples_approach_closed_form():
     assert fid_from_features(features_a, features_b) == pytest.approx(expected, rel=0.03)
 
 
-def test_fewer_samples_than_dimensions_stay_finite():
+def test_fewer_samples_than_dimensions_match_sqrtm_path():
     rng = np.random.default_rng(3)
-    value = fid_from_features(rng.normal(size=(4, 16)), rng.normal(size=(4, 16)))
-    assert np.isfinite(value)
+    features_a, features_b = rng.normal(size=(12, 10)), rng.normal(loc=0.2, size=(12, 10))
+    full = fid_from_features(features_a, features_b)
+    # Eleven padded zero columns make the covariances singular and take the sample-space path.
+    padded_a = np.hstack([features_a, np.zeros((12, 11))])
+    padded_b = np.hstack([features_b, np.zeros((12, 11))])
+    assert fid_from_features(padded_a, padded_b) == pytest.approx(full, rel=1e-6)
 
 
 def test_singular_covariances_match_eigenvalue_form():

@@ -86,8 +86,30 @@ def _trace_sqrt_product(
 
 
 def fid_from_features(features_a: NDArray[np.floating], features_b: NDArray[np.floating]) -> float:
-    """Compute the FID between two feature sets shaped ``(n, dim)``."""
-    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+    """Compute the FID between two feature sets shaped ``(n, dim)``.
+
+    With at least as many samples as dimensions, this is :func:`frechet_distance` of the sample means and
+    covariances. With fewer, the covariances are singular and ``sqrtm`` of their product is inaccurate
+    and slow, so the trace term is computed exactly in sample space: with ``A = Ya^T Ya`` and
+    ``B = Yb^T Yb`` (centred features over ``sqrt(n - 1)``), ``Tr((A B)^(1/2))`` is the sum of the
+    singular values of ``Ya Yb^T``.
+    """
+    mean_a, covariance_a = feature_statistics(features_a)
+    mean_b, covariance_b = feature_statistics(features_b)
+    n_a, dim = np.shape(features_a)
+    n_b = np.shape(features_b)[0]
+    if min(n_a, n_b) > dim:
+        return frechet_distance(mean_a, covariance_a, mean_b, covariance_b)
+    if np.shape(features_b)[1] != dim:
+        raise ValueError(f"the two feature sets differ in dimension: {dim} and {np.shape(features_b)[1]}")
+
+    centred_a = (np.asarray(features_a, dtype=np.float64) - mean_a) / np.sqrt(n_a - 1)
+    centred_b = (np.asarray(features_b, dtype=np.float64) - mean_b) / np.sqrt(n_b - 1)
+    trace_sqrt = float(scipy.linalg.svdvals(centred_a @ centred_b.T).sum())
+    mean_difference = mean_a - mean_b
+    return float(
+        mean_difference @ mean_difference + np.sum(centred_a**2) + np.sum(centred_b**2) - 2.0 * trace_sqrt
+    )
 
 
 class InceptionFeatures:
