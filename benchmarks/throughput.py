@@ -38,6 +38,7 @@ from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeli
 from scipy.stats import spearmanr
 from torch.utils.flop_counter import FlopCounterMode
 
+from napari_anopilad.method.demo import SD15_SCHEDULER_CONFIG
 from napari_anopilad.method.diffusion import (
     patch_noise,
     patch_seed,
@@ -50,20 +51,6 @@ T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SLIDE_IDENTITY = "benchmark"
-
-# Stable Diffusion 1.5's scheduler_config.json.
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 # Stable Diffusion 1.5's unet/config.json: 180 GFLOP a call on a 4x32x32 latent at batch 1, as
 # torch 2.14's FLOP counter reports it.
