@@ -548,7 +548,7 @@ def test_img2img_pndm_starts_one_step_off(
     # Measured with diffusers 0.42 on a 20-step grid (PNDM: [951, 901, 901, 851, ...]). Strength 0.65
     # takes PNDM's list from index 20 - int(13.0) = 7, which is timestep 651 (DDIM at 0.65 starts at 601).
     # The pipeline passes each timestep once, so PNDM's warm-up consumes 651 and 601 and every later UNet
-    # call gets a sample one grid step noisier than its timestep says: 13 calls at [651, 601, 551, ..., 1]
+    # call gets a sample one grid step noisier than its timestep label: 13 calls at [651, 601, 551, ..., 1]
     # where the PLMS reconstruction from 651 makes 14 at [651, 601, 601, 551, ..., 1].
     latents = patch_latents[:2]
     seeds = [31, 32]

@@ -96,7 +96,7 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     assert scored == {(int(row), int(col)) for row, col in expected}
     assert "DEMO" in analysis_widget.status_label.text() or analysis_widget.demo_label.isVisible()
 
-    # 2. The heatmap holds the eroded z-scores of the stored scores (independent arithmetic).
+    # 2. The heatmap contains the eroded z-scores of the stored scores (independent arithmetic).
     stored: StoredPatches = analysis.store.load()
     assert len(stored) == len(expected)
     lpips = stored.lpips
@@ -192,8 +192,8 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
 def click_and_wait_for_reconstruction(qtbot, viewer, inspector_widget, analysis, cell) -> None:
     """Click the centre of a patch through napari's mouse callbacks and wait for its reconstruction.
 
-    The click goes through napari's own event dispatch with a world position, as the canvas sends it;
-    a synthetic Qt click on the canvas makes vispy's picking divide by zero under Xvfb.
+    The click goes through napari's own event dispatch with a world position, as the canvas sends it.
+    A synthetic Qt click on the canvas is not used because vispy's picking divides by zero under Xvfb.
     """
     from napari.utils._test_utils import read_only_mouse_event
     from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks

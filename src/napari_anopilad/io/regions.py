@@ -112,7 +112,7 @@ def mask_to_polygons(
     (counter-clockwise on screen, y down) and holes positive, as QuPath exports them.
 
     NOTE: read with y pointing up, as RFC 7946 does, exteriors are clockwise, the opposite of its
-    right-hand rule. The RFC asks parsers not to reject such polygons, and QuPath does not.
+    right-hand rule. RFC 7946 tells parsers not to reject such polygons, and QuPath accepts them.
 
     Parameters
     ----------

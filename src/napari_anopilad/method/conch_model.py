@@ -120,7 +120,7 @@ def encode_images(model: CoCa, images_uint8: np.ndarray, device: str | torch.dev
 def tokenize_texts(texts: list[str]) -> torch.Tensor:
     """Tokenize with CONCH's byte-level BPE tokenizer into ``(n, 128)`` token ids, as ``conch`` does.
 
-    ``conch.open_clip_custom.tokenize`` calls ``batch_encode_plus``, which transformers 5 removed; this is the
+    ``conch.open_clip_custom.tokenize`` calls ``batch_encode_plus``, which transformers 5 removed. This is the
     same encoding through the tokenizer's ``__call__``: 127 tokens with start and end marks, padded, and one
     more pad that ``encode_text`` drops to make room for the class token.
     """

@@ -48,7 +48,7 @@ def download_base_model(
     ------
     ValueError
         When the hub cannot be reached (offline, or ``HF_HUB_OFFLINE=1``) and no cached copy exists, or the
-        repository is not found; the message says what to do.
+        repository is not found. The message tells the user what to do next.
     """
     logger.info("downloading %s from the Hugging Face hub", hub_id)
     try:

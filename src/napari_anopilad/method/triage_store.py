@@ -59,7 +59,7 @@ CALIBRATED_K = (1, 3, 5, 10)
 
 
 class TriageReferenceError(ValueError):
-    """The triage reference is missing, damaged, or does not match the bundle; the message says what to do."""
+    """An error for a triage reference that is missing, damaged, or built for another bundle."""
 
 
 @dataclass(frozen=True)
