@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 from napari_anopilad.engine.store import ResultStore, StoredPatches
 from napari_anopilad.method import heatmap
+from napari_anopilad.method.baselines.base import BaselineSettings
 from napari_anopilad.method.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,9 @@ Z_SOURCE_CALIBRATION = "calibration"
 Z_SOURCE_WITHIN_SLIDE = "within-slide"
 
 
-def calibration_reference(bundle: Any, settings: InferenceSettings) -> tuple[float, float] | None:
+def calibration_reference(
+    bundle: Any, settings: InferenceSettings | BaselineSettings
+) -> tuple[float, float] | None:
     """Return the bundle's ``(mean, std)`` of the chosen score if it was measured under these settings.
 
     Parameters
@@ -107,7 +110,7 @@ def compute_slide_results(
     bundle: Any = None,
     threshold: float = 0.0,
     cells: Iterable[tuple[int, int]] | NDArray[np.integer] | None = None,
-    settings: InferenceSettings | None = None,
+    settings: InferenceSettings | BaselineSettings | None = None,
 ) -> SlideResults:
     """Compute z-scores, the eroded heatmap, Z_max, Z_99 and the anomaly mask from stored scores.
 

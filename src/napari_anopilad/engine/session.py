@@ -301,7 +301,7 @@ class AnalysisSession:
                 raise pending_write.exception()  # type: ignore[misc]
 
     def _finish(self, cells: list[tuple[int, int]], scores: Any, start: float) -> BatchResult:
-        values = np.asarray(getattr(scores, self.score_name), dtype=np.float64)
+        values = np.asarray(scores.values(self.score_name), dtype=np.float64)
         with self._lock:
             for cell, value in zip(cells, values):
                 self._done_scores[cell] = float(value)
@@ -431,8 +431,7 @@ class AnalysisSession:
         reconstructions = getattr(scores, "reconstructions", None) if self.save_reconstructions else None
         self.store.write_batch(
             cells,
-            lpips=scores.lpips,
-            mse_latent=scores.mse_latent,
+            scores=scores.score_values(),
             keywords=scores.keywords,
             similarities=scores.similarities,
             weights=scores.weights,

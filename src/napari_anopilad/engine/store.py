@@ -24,7 +24,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_anopilad.method.baselines.base import BaselineSettings
 from napari_anopilad.method.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ MANIFEST_NAME = "manifest.json"
 RECONSTRUCTIONS_DIR = "reconstructions"
 STORE_DIR_ENV = "NAPARI_ANOPILAD_STORE"
 
+# Batch files keep each score under "score_<name>"; files written before named scores have
+# "lpips" and "mse_latent" keys, which load as those two scores.
+_SCORE_PREFIX = "score_"
+_LEGACY_SCORES = ("lpips", "mse_latent")
 _BATCH_PATTERN = re.compile(r"^batch-(\d{8})-([0-9a-f]+)\.npz$")
 _TEMP_PREFIX = ".tmp-"
 # Temporary files of another machine (a shared file system) are removed only once they are this old.
@@ -98,8 +103,9 @@ class StoredPatches:
     ----------
     rows, cols : ndarray of int64, shape (n,)
         Patch grid index.
-    lpips, mse_latent : ndarray of float64, shape (n,)
-        The two patch discrepancies.
+    values : dict of str to ndarray of float64, shape (n,)
+        Every stored score by name: ``lpips`` and ``mse_latent`` for AnoPILaD, the method's own
+        scores for a comparison method.
     keywords : ndarray of str, shape (n, k)
         The prompt's keywords, best first (``k = 0`` for unprompted runs).
     similarities, weights : ndarray of float64, shape (n, k)
@@ -112,8 +118,7 @@ class StoredPatches:
 
     rows: NDArray[np.int64]
     cols: NDArray[np.int64]
-    lpips: NDArray[np.float64]
-    mse_latent: NDArray[np.float64]
+    values: dict[str, NDArray[np.float64]]
     keywords: NDArray[np.str_]
     similarities: NDArray[np.float64]
     weights: NDArray[np.float64]
@@ -124,12 +129,27 @@ class StoredPatches:
         return int(self.rows.size)
 
     def scores(self, name: str) -> NDArray[np.float64]:
-        """Return the patch scores named ``"lpips"`` or ``"mse_latent"``."""
-        if name == "lpips":
-            return self.lpips
-        if name == "mse_latent":
-            return self.mse_latent
-        raise ValueError(f"score {name!r} is invalid: use lpips or mse_latent")
+        """Return the patch scores named ``name`` (``"lpips"``, ``"mse_latent"`` or a comparison method's)."""
+        if name in self.values:
+            return self.values[name]
+        if not len(self):
+            return np.zeros(0, np.float64)
+        raise ValueError(f"score {name!r} is not stored here: the stored scores are {', '.join(self.values)}")
+
+    @property
+    def score_names(self) -> list[str]:
+        """Names of the stored scores."""
+        return list(self.values)
+
+    @property
+    def lpips(self) -> NDArray[np.float64]:
+        """AnoPILaD's LPIPS score of each patch."""
+        return self.scores("lpips")
+
+    @property
+    def mse_latent(self) -> NDArray[np.float64]:
+        """AnoPILaD's latent MSE score of each patch."""
+        return self.scores("mse_latent")
 
     def cells(self) -> NDArray[np.int64]:
         """Return the ``(n, 2)`` array of ``(row, col)``."""
@@ -142,8 +162,7 @@ class StoredPatches:
         return StoredPatches(
             rows=self.rows[keep],
             cols=self.cols[keep],
-            lpips=self.lpips[keep],
-            mse_latent=self.mse_latent[keep],
+            values={name: values[keep] for name, values in self.values.items()},
             keywords=self.keywords[keep],
             similarities=self.similarities[keep],
             weights=self.weights[keep],
@@ -156,8 +175,7 @@ class StoredPatches:
         return cls(
             rows=np.zeros(0, np.int64),
             cols=np.zeros(0, np.int64),
-            lpips=np.zeros(0, np.float64),
-            mse_latent=np.zeros(0, np.float64),
+            values={},
             keywords=np.zeros((0, top_k), dtype="<U1"),
             similarities=np.zeros((0, top_k), np.float64),
             weights=np.zeros((0, top_k), np.float64),
@@ -177,8 +195,8 @@ class ResultStore:
         ``Slide.identity``, a content hash of the slide file.
     bundle_identity : str
         ``Bundle.identity``, a hash of the weights and the bundle's settings.
-    settings : InferenceSettings
-        Inference settings; their ``score_key()`` is part of the folder name.
+    settings : InferenceSettings or BaselineSettings
+        Scoring settings; their ``score_key()`` is part of the folder name.
     grid : dict, optional
         ``grid_description(grid)`` of the patch grid, so that a different patch size or mpp never
         shares cells. Part of the folder name when given.
@@ -199,7 +217,7 @@ class ResultStore:
         root: str | os.PathLike[str],
         slide_identity: str,
         bundle_identity: str,
-        settings: InferenceSettings,
+        settings: InferenceSettings | BaselineSettings,
         grid: dict[str, Any] | None = None,
     ) -> None:
         self.root = Path(root)
@@ -319,13 +337,15 @@ class ResultStore:
     def write_batch(
         self,
         cells: Sequence[tuple[int, int]] | NDArray[np.integer],
-        lpips: Sequence[float] | NDArray[np.floating],
-        mse_latent: Sequence[float] | NDArray[np.floating],
-        keywords: Sequence[Sequence[str]] | NDArray[np.str_],
-        similarities: Sequence[Sequence[float]] | NDArray[np.floating],
-        weights: Sequence[Sequence[float]] | NDArray[np.floating],
-        prompts: Sequence[str] | NDArray[np.str_],
+        lpips: Sequence[float] | NDArray[np.floating] | None = None,
+        mse_latent: Sequence[float] | NDArray[np.floating] | None = None,
+        keywords: Sequence[Sequence[str]] | NDArray[np.str_] | None = None,
+        similarities: Sequence[Sequence[float]] | NDArray[np.floating] | None = None,
+        weights: Sequence[Sequence[float]] | NDArray[np.floating] | None = None,
+        prompts: Sequence[str] | NDArray[np.str_] | None = None,
         reconstructions: NDArray[np.uint8] | None = None,
+        *,
+        scores: Mapping[str, Sequence[float] | NDArray[np.floating]] | None = None,
     ) -> Path:
         """Write one finished batch atomically and return the batch file's path.
 
@@ -333,25 +353,45 @@ class ResultStore:
         ----------
         cells : array_like, shape (n, 2)
             ``(row, col)`` of each patch.
-        lpips, mse_latent : array_like, shape (n,)
-            Patch discrepancies.
-        keywords : array_like of str, shape (n, k)
-            Keywords of each prompt, best first.
-        similarities, weights : array_like, shape (n, k)
+        lpips, mse_latent : array_like, shape (n,), optional
+            AnoPILaD's patch discrepancies (the same as passing them in ``scores``).
+        keywords : array_like of str, shape (n, k), optional
+            Keywords of each prompt, best first; none (``k = 0``) by default.
+        similarities, weights : array_like, shape (n, k), optional
             Cosine similarity and prompt weight of each keyword.
-        prompts : array_like of str, shape (n,)
-            Prompt strings.
+        prompts : array_like of str, shape (n,), optional
+            Prompt strings; empty by default.
         reconstructions : ndarray of uint8, shape (n, height, width, 3), optional
             Reconstructed patches, saved as PNG files before the batch file so that a stored batch
             always finds its reconstructions.
+        scores : mapping of str to array_like, shape (n,), optional
+            Every score by name; each batch of one store must hold the same names.
         """
         cell_array = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
         n = cell_array.shape[0]
+        named = dict(scores or {})
+        if lpips is not None:
+            named["lpips"] = lpips
+        if mse_latent is not None:
+            named["mse_latent"] = mse_latent
+        if not named:
+            raise ValueError("write_batch needs at least one score")
+        for name in named:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"score name {name!r} is invalid: use letters, digits and underscores")
+        if keywords is None:
+            keywords = np.zeros((n, 0), dtype="<U1")
+            similarities = np.zeros((n, 0))
+            weights = np.zeros((n, 0))
+        if prompts is None:
+            prompts = np.full(n, "", dtype="<U1")
         arrays: dict[str, NDArray[Any]] = {
             "rows": cell_array[:, 0],
             "cols": cell_array[:, 1],
-            "lpips": np.asarray(lpips, dtype=np.float64).reshape(n),
-            "mse_latent": np.asarray(mse_latent, dtype=np.float64).reshape(n),
+            **{
+                _SCORE_PREFIX + name: np.asarray(values, dtype=np.float64).reshape(n)
+                for name, values in named.items()
+            },
             "keywords": np.asarray(keywords, dtype=np.str_).reshape(n, -1) if n else np.zeros((0, 0), "<U1"),
             "similarities": np.asarray(similarities, dtype=np.float64).reshape(n, -1)
             if n
@@ -411,16 +451,30 @@ class ResultStore:
         with self._lock:
             names = sorted(self._batch_names(), key=_batch_sort_key)
         batches = []
+        loaded_names = []
         for name in names:
             path = self.folder / name
             try:
                 with np.load(path, allow_pickle=False) as data:
                     batches.append({key: data[key] for key in data.files})
+                    loaded_names.append(name)
             except (OSError, ValueError, KeyError, EOFError) as error:
                 logger.warning("Skipped the unreadable result batch %s: %s", path, error)
         if not batches:
-            return StoredPatches.empty(self.settings.top_k if not self.settings.unprompted else 0)
+            unprompted = getattr(self.settings, "unprompted", True)
+            return StoredPatches.empty(0 if unprompted else int(getattr(self.settings, "top_k", 0)))
 
+        for batch in batches:
+            for name in _LEGACY_SCORES:
+                if name in batch:
+                    batch[_SCORE_PREFIX + name] = batch.pop(name)
+        keys = set(batches[0])
+        for name, batch in zip(loaded_names, batches):
+            if set(batch) != keys:
+                raise ValueError(
+                    f"the result batch {self.folder / name} holds other scores than the store's first batch; "
+                    "delete the store folder to analyse this slide afresh"
+                )
         merged = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
         rows = merged["rows"].astype(np.int64)
         cols = merged["cols"].astype(np.int64)
@@ -431,8 +485,11 @@ class ResultStore:
         return StoredPatches(
             rows=rows[keep],
             cols=cols[keep],
-            lpips=merged["lpips"][keep].astype(np.float64),
-            mse_latent=merged["mse_latent"][keep].astype(np.float64),
+            values={
+                key[len(_SCORE_PREFIX) :]: merged[key][keep].astype(np.float64)
+                for key in sorted(merged)
+                if key.startswith(_SCORE_PREFIX)
+            },
             keywords=merged["keywords"][keep],
             similarities=merged["similarities"][keep].astype(np.float64),
             weights=merged["weights"][keep].astype(np.float64),

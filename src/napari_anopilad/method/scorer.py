@@ -58,6 +58,10 @@ class PatchScores:
             raise ValueError(f"score {score!r} is invalid: use one of {', '.join(SCORES)}")
         return np.asarray(getattr(self, score))
 
+    def score_values(self) -> dict[str, np.ndarray]:
+        """Return every score by name."""
+        return {name: np.asarray(getattr(self, name)) for name in SCORES}
+
 
 @dataclass(frozen=True)
 class ZScores:

@@ -1,7 +1,7 @@
 """Step 6: measure the calibration statistics of a bundle on held-out normal validation patches.
 
-Each score (LPIPS and latent MSE) of the normal patches of validation slides is summarised by its mean and
-population standard deviation (``ddof=0``), and written with the inference settings into ``bundle.json``.
+Each score of the bundle's method (LPIPS and latent MSE for AnoPILaD) on the normal patches of validation
+slides is summarised by its mean and population standard deviation (``ddof=0``), and written with the inference settings into ``bundle.json``.
 Z-scores at inference are ``(score - mean) / std``. A ``--start-timestep`` override (the sweep's choice)
 also becomes the bundle's start timestep, because the statistics only hold for it. Scores are cached in ``calibration_scores.csv`` in the
 bundle folder, so an interrupted run resumes.
@@ -46,9 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Calibrate a bundle from command-line arguments; return the exit status."""
     from tqdm.auto import tqdm
 
-    from napari_anopilad.method.bundle import Calibration, load_bundle
-    from napari_anopilad.method.scorer import AnoPILaDScorer
-    from napari_anopilad.method.settings import SCORES
+    from napari_anopilad.method.baselines.base import BaselineBundle, BaselineCalibration
+    from napari_anopilad.method.bundle import Calibration
+    from napari_anopilad.method.scorers import load_any_bundle, make_scorer, score_names
 
     args = build_parser().parse_args(argv)
     rows = select_rows(read_manifest(args.patches), splits=[args.split], labels=["normal"])
@@ -56,9 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"error: {len(rows)} normal patches in the {args.split!r} split; calibration needs at least 2"
         )
-    bundle = load_bundle(args.bundle, device=args.device)
-    settings = bundle.settings.with_overrides(start_timestep=args.start_timestep)
-    scorer = AnoPILaDScorer(bundle, args.device, settings)
+    bundle = load_any_bundle(args.bundle)
+    try:
+        settings = bundle.settings.with_overrides(start_timestep=args.start_timestep)
+    except ValueError as error:
+        raise SystemExit(f"error: --start-timestep: {error}") from error
+    scorer = make_scorer(bundle, args.device, settings)
+    names = score_names(bundle)
     scores_path = Path(args.bundle) / CALIBRATION_SCORES_NAME
     # Cached scores are only valid for these settings and weights.
     key_path = scores_path.with_suffix(".key")
@@ -70,13 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(rows), desc="calibration", unit="patch") as progress:
         scores = score_rows(scorer, args.patches, rows, scores_path, args.batch_size, progress)
 
-    mean = {name: float(np.mean(scores[name])) for name in SCORES}
-    std = {name: float(np.std(scores[name], ddof=0)) for name in SCORES}
-    calibration = Calibration(mean=mean, std=std, count=len(scores), settings=settings)
+    mean = {name: float(np.mean(scores[name])) for name in names}
+    std = {name: float(np.std(scores[name], ddof=0)) for name in names}
+    calibration: Calibration | BaselineCalibration
+    if isinstance(bundle, BaselineBundle):
+        calibration = BaselineCalibration(mean=mean, std=std, count=len(scores), settings=settings)
+    else:
+        calibration = Calibration(mean=mean, std=std, count=len(scores), settings=settings)
     spec = read_bundle_spec(args.bundle)
     spec["settings"] = settings.to_dict()
     spec["calibration"] = calibration.to_dict()
     write_bundle_spec(args.bundle, spec)
-    for name in SCORES:
+    for name in names:
         print(f"{name}: mean {mean[name]:.6g}, std {std[name]:.6g} over {len(scores)} patches")
     return 0

@@ -102,7 +102,7 @@ def score_rows(
     progress: Any = None,
     on_reconstructions: Callable[[pd.DataFrame, np.ndarray], None] | None = None,
 ) -> pd.DataFrame:
-    """Score manifest rows with an ``AnoPILaDScorer``, appending to ``scores_path`` after each batch.
+    """Score manifest rows with any method's scorer, appending to ``scores_path`` after each batch.
 
     Rows whose path is already in ``scores_path`` are skipped, so an interrupted run resumes. Each patch's
     noise is seeded from ``(slide_identity, row, col)``, so its score does not depend on the batch.
@@ -110,7 +110,8 @@ def score_rows(
     Returns
     -------
     pandas.DataFrame
-        The scores of ``rows``, in the columns ``SCORE_COLUMNS``.
+        The scores of ``rows``: the columns ``SCORE_COLUMNS`` for AnoPILaD; a comparison method has its
+        own score columns in place of ``lpips`` and ``mse_latent``.
     """
     scores_path = Path(scores_path)
     done = read_scores(scores_path)
@@ -132,8 +133,7 @@ def score_rows(
                 "row": batch["row"].to_numpy(),
                 "col": batch["col"].to_numpy(),
                 "label": batch["label"].to_numpy(),
-                "lpips": scores.lpips,
-                "mse_latent": scores.mse_latent,
+                **{name: np.asarray(values) for name, values in scores.score_values().items()},
                 "prompt": scores.prompt,
             }
         )

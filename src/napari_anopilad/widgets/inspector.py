@@ -137,10 +137,14 @@ class InspectorWidget(QWidget):
         self.lpips_label = QLabel("-")
         self.mse_label = QLabel("-")
         self.z_label = QLabel("-")
+        # The scores of a comparison method (which has no LPIPS or latent MSE of its own).
+        self.other_scores_label = QLabel("-")
+        self.other_scores_label.setWordWrap(True)
         scores = QFormLayout()
         scores.addRow("Prompt", self.prompt_label)
         scores.addRow("LPIPS", self.lpips_label)
         scores.addRow("Latent MSE", self.mse_label)
+        scores.addRow("Other scores", self.other_scores_label)
         scores.addRow("z (eroded z)", self.z_label)
 
         self.previous_button = QPushButton("Previous")
@@ -290,7 +294,13 @@ class InspectorWidget(QWidget):
     def _show_record(self, record: dict[str, Any] | None) -> None:
         self.keyword_table.setRowCount(0)
         if record is None:
-            for label in (self.prompt_label, self.lpips_label, self.mse_label, self.z_label):
+            for label in (
+                self.prompt_label,
+                self.lpips_label,
+                self.mse_label,
+                self.other_scores_label,
+                self.z_label,
+            ):
                 label.setText("-")
             return
         self.keyword_table.setRowCount(len(record["keywords"]))
@@ -302,8 +312,12 @@ class InspectorWidget(QWidget):
             self.keyword_table.setItem(index, 2, QTableWidgetItem(f"{similarity:.3f}"))
         self.keyword_table.resizeColumnsToContents()
         self.prompt_label.setText(record["prompt"] or "(empty prompt)")
-        self.lpips_label.setText(f"{record['lpips']:.4f}")
-        self.mse_label.setText(f"{record['mse_latent']:.4f}")
+        named = dict(record.get("scores", {}))
+        self.lpips_label.setText(f"{named.pop('lpips'):.4f}" if "lpips" in named else "-")
+        self.mse_label.setText(f"{named.pop('mse_latent'):.4f}" if "mse_latent" in named else "-")
+        self.other_scores_label.setText(
+            ", ".join(f"{name} {value:.4g}" for name, value in named.items()) if named else "-"
+        )
         z, z_eroded = record["z"], record["z_eroded"]
         self.z_label.setText("n/a" if np.isnan(z) else f"{z:+.2f} ({z_eroded:+.2f})")
 

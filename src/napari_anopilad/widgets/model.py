@@ -262,8 +262,8 @@ class SlideAnalysis:
             "weights": [float(weight) for weight in stored.weights[index]],
             "similarities": [float(value) for value in stored.similarities[index]],
             "prompt": str(stored.prompts[index]),
-            "lpips": float(stored.lpips[index]),
-            "mse_latent": float(stored.mse_latent[index]),
+            "scores": {name: float(values[index]) for name, values in stored.values.items()},
+            **{name: float(values[index]) for name, values in stored.values.items()},
             "z": float(results.z[index]),
             "z_eroded": float(results.z_eroded[index]),
             "has_reconstruction": bool(stored.has_reconstruction[index]),
@@ -336,8 +336,7 @@ class PatchAccumulator:
         self._top_k = int(stored.keywords.shape[1]) if stored.keywords.ndim == 2 else 0
         for index in range(len(stored)):
             self._records[(int(stored.rows[index]), int(stored.cols[index]))] = (
-                float(stored.lpips[index]),
-                float(stored.mse_latent[index]),
+                {name: float(values[index]) for name, values in stored.values.items()},
                 list(stored.keywords[index]),
                 list(stored.similarities[index]),
                 list(stored.weights[index]),
@@ -353,12 +352,12 @@ class PatchAccumulator:
         prompts = getattr(scores, "prompts", None)
         if prompts is None:
             prompts = scores.prompt
+        named = scores.score_values()
         for index, (row, col) in enumerate(np.asarray(cells, dtype=np.int64).reshape(-1, 2)):
             keywords = list(np.asarray(scores.keywords[index]).reshape(-1))
             self._top_k = max(self._top_k, len(keywords))
             self._records[(int(row), int(col))] = (
-                float(scores.lpips[index]),
-                float(scores.mse_latent[index]),
+                {name: float(values[index]) for name, values in named.items()},
                 keywords,
                 list(np.asarray(scores.similarities[index], dtype=np.float64).reshape(-1)),
                 list(np.asarray(scores.weights[index], dtype=np.float64).reshape(-1)),
@@ -370,7 +369,7 @@ class PatchAccumulator:
         """Record that the store now contains the reconstruction of cell ``(row, col)``."""
         record = self._records.get((int(row), int(col)))
         if record is not None:
-            self._records[(int(row), int(col))] = (*record[:6], True)
+            self._records[(int(row), int(col))] = (*record[:5], True)
 
     def to_stored(self) -> StoredPatches:
         """Return every gathered patch as :class:`StoredPatches`, in row-major cell order."""
@@ -386,17 +385,19 @@ class PatchAccumulator:
         return StoredPatches(
             rows=np.array([row for row, _ in cells], dtype=np.int64),
             cols=np.array([col for _, col in cells], dtype=np.int64),
-            lpips=np.array([record[0] for record in records], dtype=np.float64),
-            mse_latent=np.array([record[1] for record in records], dtype=np.float64),
-            keywords=np.array([padded(record[2], "") for record in records], dtype=np.str_).reshape(
+            values={
+                name: np.array([record[0].get(name, np.nan) for record in records], dtype=np.float64)
+                for name in dict.fromkeys(name for record in records for name in record[0])
+            },
+            keywords=np.array([padded(record[1], "") for record in records], dtype=np.str_).reshape(
                 len(cells), top_k
             ),
             similarities=np.array(
-                [padded(record[3], np.nan) for record in records], dtype=np.float64
+                [padded(record[2], np.nan) for record in records], dtype=np.float64
             ).reshape(len(cells), top_k),
-            weights=np.array([padded(record[4], np.nan) for record in records], dtype=np.float64).reshape(
+            weights=np.array([padded(record[3], np.nan) for record in records], dtype=np.float64).reshape(
                 len(cells), top_k
             ),
-            prompts=np.array([record[5] for record in records], dtype=np.str_),
-            has_reconstruction=np.array([record[6] for record in records], dtype=bool),
+            prompts=np.array([record[4] for record in records], dtype=np.str_),
+            has_reconstruction=np.array([record[5] for record in records], dtype=bool),
         )

@@ -1,0 +1,64 @@
+"""One entry point for every scoring method: a bundle folder gives a loaded bundle and its scorer.
+
+``bundle.json`` names the method (``"method"``; AnoPILaD when absent). AnoPILaD bundles load with
+:func:`napari_anopilad.method.bundle.load_bundle`; the comparison methods' bundles load with
+:func:`napari_anopilad.method.baselines.base.load_baseline_bundle`. Both scorers have
+``settings`` (with ``score``), ``calibration``, ``device`` and ``score(images_uint8, noise_keys)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from napari_anopilad.method.baselines.base import (
+    BaselineBundle,
+    bundle_method,
+    load_baseline_bundle,
+    scorer_class_for,
+)
+
+ANOPILAD = "anopilad"
+
+
+def load_any_bundle(
+    folder: str | os.PathLike[str], allow_download: bool = False, *, require_calibration: bool = False
+) -> Any:
+    """Load the bundle in ``folder`` whatever its method; raise BundleError naming what is wrong."""
+    method = bundle_method(folder)
+    if method == ANOPILAD:
+        from napari_anopilad.method.bundle import load_bundle
+
+        return load_bundle(folder, allow_download=allow_download, require_calibration=require_calibration)
+    return load_baseline_bundle(folder, require_calibration=require_calibration)
+
+
+def method_of(bundle: Any) -> str:
+    """Return the method name of a loaded bundle."""
+    return bundle.method if isinstance(bundle, BaselineBundle) else ANOPILAD
+
+
+def score_names(bundle: Any) -> tuple[str, ...]:
+    """Return the names of the scores the bundle's scorer gives, the default first."""
+    if isinstance(bundle, BaselineBundle):
+        names = scorer_class_for(bundle.method).score_names
+    else:
+        from napari_anopilad.method.settings import SCORES
+
+        names = SCORES
+    default = bundle.settings.score
+    return (default, *[name for name in names if name != default])
+
+
+def settings_with(bundle: Any, **overrides: Any) -> Any:
+    """Return the bundle's settings with overrides; ``None`` values keep the bundle's value."""
+    return bundle.settings.with_overrides(**overrides)
+
+
+def make_scorer(bundle: Any, device: Any = "cpu", settings: Any = None) -> Any:
+    """Build the scorer of a loaded bundle on ``device`` under ``settings`` (the bundle's when None)."""
+    if isinstance(bundle, BaselineBundle):
+        return scorer_class_for(bundle.method)(bundle, device=device, settings=settings)
+    from napari_anopilad.method.scorer import AnoPILaDScorer
+
+    return AnoPILaDScorer(bundle, device=device, settings=settings)
