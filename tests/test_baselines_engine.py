@@ -1,0 +1,115 @@
+"""A comparison method's bundle goes through the same engine as AnoPILaD: session, store, results, calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from napari_anopilad.engine.results import compute_slide_results
+from napari_anopilad.engine.session import AnalysisSession
+from napari_anopilad.engine.store import ResultStore, grid_description
+from napari_anopilad.method import heatmap
+from napari_anopilad.method.baselines.autoencoders import AutoencoderConfig, build_network, default_settings
+from napari_anopilad.method.baselines.base import BaselineCalibration, save_baseline_bundle
+from napari_anopilad.method.errors import BundleError
+from napari_anopilad.method.scorers import load_any_bundle, make_scorer, method_of, score_names
+from napari_anopilad.slide import build_patch_grid, open_slide, read_patches
+
+CONFIG = AutoencoderConfig(channels=(4, 8), latent_channels=8, memory_items=6)
+
+
+def _memae_bundle(folder: Path, calibration: BaselineCalibration | None = None) -> Path:
+    torch.manual_seed(0)
+    network = build_network("memae", CONFIG)
+    return save_baseline_bundle(
+        folder,
+        "memae",
+        CONFIG.to_dict(),
+        {"model": network.state_dict()},
+        default_settings("memae"),
+        calibration=calibration,
+        demo=True,
+    )
+
+
+@pytest.fixture()
+def slide_and_grid(cmu_slide_path: Path) -> Iterator[tuple[Any, Any]]:
+    with open_slide(cmu_slide_path) as slide:
+        yield slide, build_patch_grid(slide)
+
+
+def test_session_scores_a_real_slide_with_a_memae_bundle(
+    tmp_path: Path, slide_and_grid: tuple[Any, Any]
+) -> None:
+    slide, grid = slide_and_grid
+    bundle = load_any_bundle(_memae_bundle(tmp_path / "bundle"))
+    assert method_of(bundle) == "memae"
+    assert score_names(bundle) == ("mse", "l1")
+    scorer = make_scorer(bundle, "cpu")
+    cells = grid.tissue_cells()[:5]
+    store = ResultStore(
+        tmp_path / "store", slide.identity, bundle.identity, scorer.settings, grid_description(grid)
+    )
+
+    session = AnalysisSession(slide, grid, scorer, store, cells=cells, batch_size=2)
+    batches = list(session.run())
+    assert sum(len(batch.cells) for batch in batches) == 5
+
+    # Independent path: read the same patches and score them in one call.
+    direct = scorer.score(read_patches(slide, grid, cells), [(slide.identity, r, c) for r, c in cells])
+    stored = store.load()
+    order = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(stored.rows, stored.cols))}
+    for index, (row, col) in enumerate(cells):
+        for name in ("mse", "l1"):
+            assert stored.scores(name)[order[(int(row), int(col))]] == pytest.approx(
+                direct.values(name)[index], rel=1e-5
+            )
+    assert stored.keywords.shape == (5, 0)
+
+    results = compute_slide_results(store, grid, bundle)
+    assert results.score_name == "mse"
+    assert results.z_source == "within-slide"
+    mean, std = heatmap.within_slide_stats(results.scores)
+    np.testing.assert_allclose(results.z, (results.scores - mean) / std)
+
+    resumed = AnalysisSession(slide, grid, scorer, store, cells=cells, batch_size=2)
+    assert resumed.n_reused == 5 and list(resumed.run()) == []
+
+
+def test_calibration_is_used_only_under_the_settings_it_was_measured_with(
+    tmp_path: Path, slide_and_grid: tuple[Any, Any]
+) -> None:
+    slide, grid = slide_and_grid
+    settings = default_settings("memae")
+    calibration = BaselineCalibration({"mse": 0.5, "l1": 0.6}, {"mse": 0.1, "l1": 0.2}, 20, settings)
+    bundle = load_any_bundle(_memae_bundle(tmp_path / "bundle", calibration))
+    scorer = make_scorer(bundle, "cpu", bundle.settings.with_overrides(score="l1"))
+    assert scorer.calibration is calibration or scorer.calibration == calibration
+    cells = grid.tissue_cells()[:2]
+    store = ResultStore(
+        tmp_path / "store", slide.identity, bundle.identity, scorer.settings, grid_description(grid)
+    )
+    list(AnalysisSession(slide, grid, scorer, store, cells=cells).run())
+    results = compute_slide_results(store, grid, bundle)
+    assert results.score_name == "l1" and results.z_source == "calibration"
+    np.testing.assert_allclose(results.z, (results.scores - 0.6) / 0.2)
+
+
+def test_anopilad_settings_on_a_comparison_bundle_are_refused(tmp_path: Path) -> None:
+    bundle = load_any_bundle(_memae_bundle(tmp_path / "bundle"))
+    with pytest.raises(ValueError, match="'start_timestep' does not apply to the memae method"):
+        bundle.settings.with_overrides(start_timestep=500)
+    with pytest.raises(ValueError, match="score 'lpips' is invalid for memae"):
+        make_scorer(bundle, "cpu", bundle.settings.with_overrides(score="lpips"))
+
+
+def test_missing_weights_name_the_file(tmp_path: Path) -> None:
+    folder = _memae_bundle(tmp_path / "bundle")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"model\.safetensors \(model\) not found"):
+        load_any_bundle(folder)
