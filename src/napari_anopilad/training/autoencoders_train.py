@@ -46,7 +46,6 @@ from napari_anopilad.training.scoring import read_bundle_spec, write_bundle_spec
 OPTIONS_NAME = "autoencoder_options.json"
 DEFAULT_STEPS = 20000
 DEFAULT_BATCH_SIZE = 16
-# Gong et al. train MemAE with Adam at a learning rate of 1e-4.
 DEFAULT_LEARNING_RATE = 1e-4
 
 
@@ -124,7 +123,7 @@ class AutoencoderTrainer:
         return {"model": self.network}
 
     def options(self) -> dict[str, Any]:
-        """The method's own training options: the architecture and, for MemAE, the entropy weight."""
+        """Return the method's own training options: the architecture and, for MemAE, the entropy weight."""
         options: dict[str, Any] = {"method": self.method, "model": self.model_config()}
         if self.method == MEMAE:
             options["entropy_weight"] = self.entropy_weight
