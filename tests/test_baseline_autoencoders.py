@@ -1,6 +1,6 @@
 """AE and MemAE comparison methods: the memory addressing by hand, tiny training runs on real patches, scoring.
 
-The formulas are checked against numbers computed here with plain Python; the training runs use tiny
+The formulas are checked against numbers computed here with plain Python. The training runs use tiny
 networks of the real classes on patches extracted from the real test slides.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +261,7 @@ def test_bundle_records_architecture(trained: tuple[str, Path]):
         assert spec["training"]["entropy_weight"] == pytest.approx(0.0002)
     else:
         assert "memory_items" not in spec["model"]
+        assert "entropy_weight" not in spec["training"]
 
 
 def real_patches(patches: Path, split: str) -> np.ndarray:
@@ -368,7 +371,7 @@ def test_wrong_architecture_names_file(trained: tuple[str, Path], tmp_path: Path
         make_scorer(bundle, "cpu")
 
 
-def test_memory_settings_in_ae_bundle_rejected(trained: tuple[str, Path], tmp_path: Path):
+def test_memory_entries_checked_per_method(trained: tuple[str, Path], tmp_path: Path):
     method, output = trained
     folder = tmp_path / "bundle"
     shutil.copytree(output / "bundle", folder)
@@ -400,3 +403,18 @@ def test_resume_rejects_other_memory_size(patches: Path, tmp_path: Path):
 def test_training_rejects_invalid_channels(patches: Path, tmp_path: Path):
     with pytest.raises(SystemExit, match="--channels '4,x' is invalid"):
         autoencoders_train.main([str(patches), "--output", str(tmp_path), "--channels", "4,x"], method="ae")
+
+
+@pytest.mark.parametrize(("script", "memory_option"), [("train_ae.py", False), ("train_memae.py", True)])
+def test_training_scripts_parse_options(script, memory_option, monkeypatch, capsys):
+    path = Path(__file__).parent.parent / "training" / script
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(path), run_name="__main__")
+
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--latent-channels" in help_text
+    assert ("--memory-items" in help_text) == memory_option
+    assert ("--entropy-weight" in help_text) == memory_option

@@ -229,7 +229,7 @@ def train_autoencoder(
     spec = read_bundle_spec(bundle)
     spec["training"] = {
         **spec.get("training", {}),
-        **{key: value for key, value in options.items() if key != "model"},
+        **{key: value for key, value in options.items() if key not in ("method", "model")},
     }
     write_bundle_spec(bundle, spec)
     return bundle

@@ -358,8 +358,8 @@ class MemAEScorer(_AutoencoderScorer):
     method: ClassVar[str] = MEMAE
 
     def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
-        result, _ = self.network(pixels)
-        return torch.as_tensor(result)
+        result: torch.Tensor = self.network(pixels)[0]
+        return result
 
 
 def default_settings(method: str) -> BaselineSettings:
