@@ -297,3 +297,17 @@ def test_session_rejects_cells_outside_grid(
         AnalysisSession(slide, grid, scorer, store, cells=[(11, 0)])
     with pytest.raises(ValueError, match="batch_size 0 is invalid"):
         AnalysisSession(slide, grid, scorer, store, cells=CELLS, batch_size=0)
+
+
+def test_batch_size_auto_and_invalid_values(
+    tmp_path: Path, slide_and_grid: tuple[Any, Any], bundle: Any, scorer: AnoPILaDScorer
+) -> None:
+    from napari_anopilad.engine.device import CPU_BATCH_SIZE
+
+    slide, grid = slide_and_grid
+    store = _store(tmp_path, slide, grid, bundle)
+    session = AnalysisSession(slide, grid, scorer, store, cells=CELLS, batch_size="auto")
+    assert session.batch_size == CPU_BATCH_SIZE
+    for bad in (0, "big"):
+        with pytest.raises(ValueError, match=r"batch_size .* is invalid: use 1 or more, or 'auto'"):
+            AnalysisSession(slide, grid, scorer, store, cells=CELLS, batch_size=bad)

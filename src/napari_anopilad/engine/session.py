@@ -90,14 +90,16 @@ class AnalysisSession:
         The open slide.
     grid : PatchGrid
         Its patch grid.
-    scorer : AnoPILaDScorer
-        The scorer; its ``settings.score`` picks the score that z-scores use.
+    scorer : AnoPILaDScorer or BaselineScorer
+        The scorer (``napari_anopilad.method.scorers.make_scorer``); its ``settings.score`` picks the
+        score that z-scores use.
     store : ResultStore
         Where finished batches go and where earlier results are reused from.
     cells : array_like of int, shape (n, 2), optional
         ``(row, col)`` of the patches to analyse; all tissue cells of ``grid`` by default.
-    batch_size : int
-        Patches per device batch. It halves after each out-of-memory error.
+    batch_size : int or "auto"
+        Patches per device batch. ``"auto"`` chooses it from the device's free memory
+        (:func:`napari_anopilad.engine.device.choose_batch_size`). It halves after each out-of-memory error.
     save_reconstructions : bool
         Also store each patch's reconstruction; stored patches without one are analysed again.
     calibration : tuple of float, optional
@@ -115,13 +117,12 @@ class AnalysisSession:
         store: ResultStore,
         *,
         cells: Iterable[tuple[int, int]] | NDArray[np.integer] | None = None,
-        batch_size: int = 8,
+        batch_size: int | str = 8,
         save_reconstructions: bool = False,
         calibration: tuple[float, float] | None = None,
         prefetch: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} is invalid: use 1 or more")
+        batch_size = resolve_batch_size(batch_size, scorer)
         self.slide = slide
         self.grid = grid
         self.scorer = scorer
@@ -438,6 +439,21 @@ class AnalysisSession:
             prompts=_prompts(scores),
             reconstructions=None if reconstructions is None else np.asarray(reconstructions),
         )
+
+
+def resolve_batch_size(batch_size: int | str, scorer: Any) -> int:
+    """Return ``batch_size`` checked, or for ``"auto"`` the size that fits the scorer's device memory."""
+    if batch_size == "auto":
+        import torch
+
+        from napari_anopilad.engine.device import choose_batch_size
+        from napari_anopilad.method.settings import InferenceSettings
+
+        settings = scorer.settings if isinstance(scorer.settings, InferenceSettings) else None
+        return choose_batch_size(torch.device(getattr(scorer, "device", "cpu")), settings)
+    if isinstance(batch_size, str) or int(batch_size) < 1:
+        raise ValueError(f"batch_size {batch_size!r} is invalid: use 1 or more, or 'auto'")
+    return int(batch_size)
 
 
 def _prompts(scores: Any) -> Any:
