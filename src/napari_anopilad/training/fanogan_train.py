@@ -54,7 +54,7 @@ DEFAULT_ENCODER_STEPS = 50_000
 DEFAULT_N_CRITIC = 5
 DEFAULT_GP_WEIGHT = 10.0
 DEFAULT_ENCODER_LEARNING_RATE = 5e-5
-# Adam betas of WGAN-GP (Gulrajani et al., 2017) for G and D; the encoder uses Adam's usual betas.
+# Adam betas of WGAN-GP (Gulrajani et al., 2017) for G and D. The encoder uses Adam's usual betas.
 GAN_BETAS = (0.0, 0.9)
 LOSS_NAMES = (
     "critic_loss",
@@ -193,7 +193,7 @@ class FAnoGANTrainer:
         return z.to(self.device)
 
     def _gan_step(self, pixels: torch.Tensor, step: int, generator: torch.Generator) -> dict[str, float]:
-        """One critic update, then one generator update when ``step + 1`` is a multiple of ``n_critic``."""
+        """Update the critic once, then the generator once when ``step + 1`` is a multiple of ``n_critic``."""
         self.generator.requires_grad_(True)
         self.discriminator.requires_grad_(True)
         batch_size = pixels.shape[0]
@@ -214,7 +214,7 @@ class FAnoGANTrainer:
         }
 
         if (step + 1) % self.options.n_critic == 0:
-            # The critic's weights stay out of the generator's graph; its gradients are not needed.
+            # The critic's weights stay out of the generator's graph, because only G is updated here.
             self.discriminator.requires_grad_(False)
             generator_loss = -self.discriminator(self.generator(self._latents(batch_size, generator))).mean()
             self._optimizers["generator"].zero_grad(set_to_none=True)
@@ -225,7 +225,7 @@ class FAnoGANTrainer:
         return losses
 
     def _encoder_step(self, pixels: torch.Tensor) -> dict[str, float]:
-        """One encoder update on the izi_f loss; ``G`` and ``D`` are frozen and in inference mode."""
+        """Update the encoder once on the izi_f loss, with ``G`` and ``D`` frozen and in inference mode."""
         self.generator.requires_grad_(False).eval()
         self.discriminator.requires_grad_(False).eval()
         self.encoder.train()

@@ -2,7 +2,7 @@
 
 Schlegl, Seeböck, Waldstein, Langs and Schmidt-Erfurth (2019), "f-AnoGAN: Fast unsupervised anomaly
 detection with generative adversarial networks", Medical Image Analysis 54. The generator ``G`` and the
-critic ``D`` are trained first as a Wasserstein GAN with gradient penalty on normal crops; the encoder
+critic ``D`` are trained first as a Wasserstein GAN with gradient penalty on normal crops. The encoder
 ``E`` is trained afterwards with ``G`` and ``D`` frozen. A crop's anomaly score is
 
     A(x) = (1/n) ||x - G(E(x))||^2 + kappa * (1/n_d) ||f(x) - f(G(E(x)))||^2
@@ -53,8 +53,8 @@ class FAnoGANConfig:
     latent_dim
         Size of the latent vector ``z`` (128 in the paper); ``z`` is drawn from a standard normal.
     channels
-        Width of the first critic and encoder block and of the last generator block; the widths
-        are ``channels`` times 1, 2, 4 and 8 (64 in the paper).
+        Width of the first critic and encoder block and of the last generator block. The block
+        widths are ``channels`` times 1, 2, 4 and 8 (64 in the paper).
     image_size
         Crop side in pixels; only 64 is supported.
     """
