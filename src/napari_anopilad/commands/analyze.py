@@ -1,14 +1,16 @@
-"""``anopilad analyze``: run AnoPILaD on one whole slide and write the heatmap, regions and tables."""
+"""``anopilad analyze``: run AnoPILaD on one whole slide and write the heatmap, regions and tables.
+
+With ``--triage``, a CONCH triage pass maps every tissue patch first, and AnoPILaD then scores the top
+triage budget (and its grid neighbours), highest triage score first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,40 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_anopilad.cli import CommandError
+
+# The output writers live in the engine, so that cohort workers write the same files; these names stay
+# importable from here.
+from napari_anopilad.engine.outputs import (
+    cells_in_region,
+    patch_records,
+    slide_summary,
+    write_outputs,
+    write_overlay,
+    write_reconstruction_pairs,
+)
+from napari_anopilad.engine.triage_pass import (
+    DEFAULT_BUDGET_FRACTION,
+    DEFAULT_NEIGHBOUR_RADIUS,
+    DEFAULT_TRIAGE_SCORE,
+    TRIAGE_SCORE_NAMES,
+    TriageSettings,
+)
+
+__all__ = [
+    "DEMO_WARNING",
+    "AnalysisOutputs",
+    "add_analysis_arguments",
+    "add_parser",
+    "analyze",
+    "cells_in_region",
+    "patch_records",
+    "print_summary",
+    "select_cells",
+    "slide_summary",
+    "write_outputs",
+    "write_overlay",
+    "write_reconstruction_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +86,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="download hub models named by the bundle that are not local (CONCH needs a Hugging Face token)",
     )
     add_analysis_arguments(parser)
+    add_triage_arguments(parser)
     parser.set_defaults(run=run)
     return parser
+
+
+def add_triage_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--triage`` and its budget, neighbour and score options."""
+    group = parser.add_argument_group(
+        "triage",
+        "map every tissue patch with the bundle's CONCH triage reference first, then run AnoPILaD on the "
+        "patches with the highest triage scores",
+    )
+    group.add_argument(
+        "--triage",
+        action="store_true",
+        help="run the triage pass first and write its map next to AnoPILaD's (the bundle needs triage/)",
+    )
+    group.add_argument(
+        "--triage-budget",
+        type=float,
+        default=DEFAULT_BUDGET_FRACTION,
+        metavar="FRACTION",
+        help="fraction of the tissue patches that AnoPILaD scores, highest triage score first; "
+        f"1 scores all (default: {DEFAULT_BUDGET_FRACTION})",
+    )
+    group.add_argument(
+        "--triage-neighbours",
+        type=int,
+        default=DEFAULT_NEIGHBOUR_RADIUS,
+        metavar="N",
+        help="also score the tissue patches within N grid cells of each budget patch; 0 for none "
+        f"(default: {DEFAULT_NEIGHBOUR_RADIUS}, the 8 neighbours)",
+    )
+    group.add_argument(
+        "--triage-score",
+        choices=TRIAGE_SCORE_NAMES,
+        default=DEFAULT_TRIAGE_SCORE,
+        help=f"triage score that orders the patches and forms the triage map (default: {DEFAULT_TRIAGE_SCORE})",
+    )
 
 
 def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +217,8 @@ class AnalysisOutputs:
     z_source: str
     demo: bool
     files: dict[str, Path]
+    n_tissue_patches: int = 0
+    triage: dict[str, Any] | None = field(default=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,9 +235,23 @@ def run(args: argparse.Namespace) -> int:
         overrides=_setting_overrides(args),
         store_root=args.store,
         allow_download=args.allow_download,
+        triage=_triage_settings(args),
     )
     print_summary(outputs)
     return 0
+
+
+def _triage_settings(args: argparse.Namespace) -> TriageSettings | None:
+    if not getattr(args, "triage", False):
+        return None
+    try:
+        return TriageSettings(
+            score=args.triage_score,
+            budget_fraction=args.triage_budget,
+            neighbour_radius=args.triage_neighbours,
+        )
+    except ValueError as error:
+        raise CommandError(f"--triage-budget or --triage-neighbours: {error}") from error
 
 
 def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,28 +270,31 @@ def print_summary(outputs: AnalysisOutputs) -> None:
     """Print where the outputs are and the slide scores."""
     if outputs.demo:
         print(f"WARNING: {DEMO_WARNING}.")
-    z_max = "n/a" if outputs.z_max is None else f"{outputs.z_max:.3f}"
-    z_99 = "n/a" if outputs.z_99 is None else f"{outputs.z_99:.3f}"
+    n_tissue = outputs.n_tissue_patches or outputs.n_patches
+    triage = outputs.triage
+    if triage is not None:
+        print(
+            f"Triage ({triage['scorer']}, k = {triage['k']}): {triage['n_patches']} / {n_tissue} tissue patches "
+            f"({triage['n_computed']} computed): Z_max {_number(triage['z_max'])}, "
+            f"Z_99 {_number(triage['z_99'])}, z-scores from calibration."
+        )
     print(
-        f"Analysed {outputs.n_patches} patches ({outputs.n_computed} computed, {outputs.n_reused} reused "
-        f"from the store): Z_max {z_max}, Z_99 {z_99}, z-scores from {outputs.z_source}."
+        f"AnoPILaD: {outputs.n_patches} / {n_tissue} tissue patches ({outputs.n_computed} computed, "
+        f"{outputs.n_reused} reused from the store): Z_max {_number(outputs.z_max)}, "
+        f"Z_99 {_number(outputs.z_99)}, z-scores from {outputs.z_source}."
     )
+    if outputs.n_patches < n_tissue:
+        print(
+            f"The AnoPILaD slide scores cover {outputs.n_patches / n_tissue:.1%} of the tissue patches "
+            "(the triage budget), so they can miss anomalies outside it."
+        )
     print(f"Outputs in {outputs.out}:")
     for name, path in outputs.files.items():
-        print(f"  {name:<16} {path}")
+        print(f"  {name:<20} {path}")
 
 
-def cells_in_region(
-    grid: Any, cells: NDArray[np.int64], region_level0: tuple[int, int, int, int]
-) -> NDArray[np.int64]:
-    """Keep the cells whose level-0 box overlaps ``region_level0`` (x, y, width, height)."""
-    x_level0, y_level0, width_level0, height_level0 = region_level0
-    size = int(grid.patch_size_level0)
-    row = cells[:, 0].astype(np.int64)
-    col = cells[:, 1].astype(np.int64)
-    overlaps = (col * size < x_level0 + width_level0) & ((col + 1) * size > x_level0)
-    overlaps &= (row * size < y_level0 + height_level0) & ((row + 1) * size > y_level0)
-    return cells[overlaps]
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def select_cells(slide: Any, grid: Any, region_level0: tuple[int, int, int, int] | None) -> NDArray[np.int64]:
@@ -262,14 +354,19 @@ def analyze(
     store_root: Path | None = None,
     allow_download: bool = False,
     progress: bool = True,
+    triage: TriageSettings | None = None,
 ) -> AnalysisOutputs:
     """Analyse one slide and write every output file; see ``anopilad analyze --help`` for the options.
+
+    With ``triage``, the triage pass scores every tissue patch (of the region) first and AnoPILaD scores
+    only the triage budget, highest triage z-score first; the outputs then hold both maps.
 
     Raises
     ------
     CommandError, ValueError, FileNotFoundError
         For a missing or unreadable slide or bundle, an unknown mpp without ``mpp``, a region outside
-        the slide or without tissue, or an unavailable device. Each message names the value and the fix.
+        the slide or without tissue, an unavailable device, or ``triage`` with a bundle that has no valid
+        triage reference. Each message names the value and the fix.
     """
     from napari_anopilad.engine.device import check_precision, choose_device, describe_device
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
@@ -312,15 +409,38 @@ def analyze(
             settings,
             grid=grid_description(grid),
         )
-        done = store.done_cells(need_reconstructions=save_reconstructions)
-        n_reused = sum((int(row), int(col)) in done for row, col in cells)
-        if n_reused:
-            print(f"Reused {n_reused} of {len(cells)} patches from the store {store.folder}")
         if bundle.demo:
             print(f"WARNING: {DEMO_WARNING}.", file=sys.stderr)
 
+        triage_results = plan = None
+        triage_summary: dict[str, Any] | None = None
+        target = cells
+        if triage is not None:
+            triage_results, plan, n_triage_computed = _run_triage(
+                slide, grid, bundle, torch_device, store.root, cells, triage, threshold, progress
+            )
+            target = plan.cells
+            triage_summary = {
+                "scorer": triage_results.scorer_name,
+                "k": triage_results.k,
+                "n_patches": triage_results.n_patches,
+                "n_computed": n_triage_computed,
+                "z_max": triage_results.z_max,
+                "z_99": triage_results.z_99,
+                "plan": plan.to_dict(),
+            }
+            print(
+                f"Triage budget: {plan.n_budget} of {len(cells)} tissue patches for AnoPILaD "
+                f"({plan.n_top} top by {triage.score}, plus neighbours within {triage.neighbour_radius} cells)"
+            )
+
+        done = store.done_cells(need_reconstructions=save_reconstructions)
+        n_reused = sum((int(row), int(col)) in done for row, col in target)
+        if n_reused:
+            print(f"Reused {n_reused} of {len(target)} patches from the store {store.folder}")
+
         n_computed = 0
-        if n_reused < len(cells):
+        if n_reused < len(target):
             # Loading the models takes a while, so it happens only when some patch needs them.
             logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
             scorer = AnoPILaDScorer(bundle, str(torch_device), settings)
@@ -329,11 +449,13 @@ def analyze(
                 grid,
                 scorer,
                 store,
-                cells=cells,
+                cells=target,
                 batch_size=batch_size,
                 save_reconstructions=save_reconstructions,
                 calibration=calibration_reference(bundle, settings),
             )
+            if plan is not None:
+                session.prioritize(plan.priority)
             n_computed = _run_with_progress(session, progress)
 
         results = compute_slide_results(store, grid, bundle, threshold, cells=cells, settings=settings)
@@ -346,6 +468,8 @@ def analyze(
             bundle=bundle,
             region_level0=region_level0,
             store=store if save_reconstructions else None,
+            triage=triage_results,
+            plan=plan,
         )
 
     return AnalysisOutputs(
@@ -358,7 +482,41 @@ def analyze(
         z_source=results.z_source,
         demo=bool(bundle.demo),
         files=files,
+        n_tissue_patches=len(cells),
+        triage=triage_summary,
     )
+
+
+def _run_triage(
+    slide: Any,
+    grid: Any,
+    bundle: Any,
+    torch_device: Any,
+    store_root: Path,
+    cells: NDArray[np.int64],
+    triage: TriageSettings,
+    threshold: float,
+    progress: bool,
+) -> tuple[Any, Any, int]:
+    """Run the triage pass over ``cells`` and return its map, the diffusion plan and the patches computed."""
+    from tqdm import tqdm
+
+    from napari_anopilad.engine.triage_pass import open_triage_store, run_triage_pass
+    from napari_anopilad.method.triage import TriageScorer
+
+    logger.info("Triage on %s with %s", torch_device, triage)
+    scorer = TriageScorer(bundle, str(torch_device), k=triage.k)
+    triage_store = open_triage_store(store_root, slide, bundle, scorer, grid)
+    with tqdm(total=len(cells), unit="patch", desc="triage", disable=not progress, dynamic_ncols=True) as bar:
+
+        def report(batch: Any) -> None:
+            bar.n = batch.n_done
+            bar.set_postfix(patches_per_s=f"{batch.patches_per_s:.1f}")
+            bar.refresh()
+
+        return run_triage_pass(
+            slide, grid, scorer, triage_store, cells, settings=triage, threshold=threshold, on_batch=report
+        )
 
 
 def _run_with_progress(session: Any, progress: bool) -> int:
@@ -381,165 +539,3 @@ def _run_with_progress(session: Any, progress: bool) -> int:
             bar.update(len(batch.cells))
             bar.set_postfix(patches_per_s=f"{batch.patches_per_s:.2f}", batch=batch.batch_size)
     return n_computed
-
-
-def write_outputs(
-    out: Path,
-    *,
-    slide: Any,
-    grid: Any,
-    results: Any,
-    settings: Any,
-    bundle: Any,
-    region_level0: tuple[int, int, int, int] | None,
-    store: Any | None,
-) -> dict[str, Path]:
-    """Write patches.csv, slide.json, heatmap.tif, overlay.png, regions.geojson and the reconstructions."""
-    from napari_anopilad.io.heatmap_tiff import write_heatmap_tiff
-    from napari_anopilad.io.regions import mask_to_polygons, region_z_max, write_regions_geojson
-    from napari_anopilad.io.tables import write_patches_csv
-
-    files: dict[str, Path] = {}
-    summary = slide_summary(
-        results=results, settings=settings, bundle=bundle, region_level0=region_level0, slide=slide
-    )
-    label = {"demo": str(bool(bundle.demo)).lower(), "bundle_identity": bundle.identity}
-
-    files["patches.csv"] = write_patches_csv(out / "patches.csv", patch_records(grid, results))
-
-    files["heatmap.tif"] = write_heatmap_tiff(
-        out / "heatmap.tif",
-        results.heatmap_eroded,
-        patch_size_level0=grid.patch_size_level0,
-        mpp=slide.mpp,
-        metadata={
-            "demo": bool(bundle.demo),
-            "z_source": results.z_source,
-            "threshold": results.threshold,
-            "slide_identity": slide.identity,
-            "bundle_identity": bundle.identity,
-        },
-    )
-
-    polygons = mask_to_polygons(results.mask, grid.patch_size_level0)
-    files["regions.geojson"] = write_regions_geojson(
-        out / "regions.geojson",
-        polygons,
-        z_max_values=region_z_max(results.mask, results.heatmap_eroded),
-        mpp=slide.mpp,
-        properties=label,
-    )
-    summary["n_regions"] = len(polygons)
-
-    files["overlay.png"] = write_overlay(
-        out / "overlay.png", slide=slide, grid=grid, results=results, demo=bundle.demo
-    )
-
-    if store is not None:
-        files["reconstructions/"] = write_reconstruction_pairs(
-            out / "reconstructions", slide, grid, results, store
-        )
-
-    files["slide.json"] = out / "slide.json"
-    _write_json(files["slide.json"], summary)
-    return files
-
-
-def patch_records(grid: Any, results: Any) -> list[dict[str, Any]]:
-    """Build one patches.csv record per analysed patch, in row-major order."""
-    patches = results.patches
-    order = np.lexsort((patches.cols, patches.rows))
-    records = []
-    for index in order:
-        row, col = int(patches.rows[index]), int(patches.cols[index])
-        x_level0, y_level0, width_level0, height_level0 = grid.box_level0(row, col)
-        records.append(
-            {
-                "x": x_level0,
-                "y": y_level0,
-                "width": width_level0,
-                "height": height_level0,
-                "row": row,
-                "col": col,
-                "tissue_fraction": float(grid.tissue_fraction[row, col]),
-                "keywords": [str(keyword) for keyword in patches.keywords[index]],
-                "weights": [float(weight) for weight in patches.weights[index]],
-                "prompt": str(patches.prompts[index]),
-                "lpips": float(patches.lpips[index]),
-                "mse_latent": float(patches.mse_latent[index]),
-                "z": float(results.z[index]),
-                "z_eroded": float(results.z_eroded[index]),
-            }
-        )
-    return records
-
-
-def write_overlay(path: Path, *, slide: Any, grid: Any, results: Any, demo: bool) -> Path:
-    """Render the eroded heatmap over a slide thumbnail, with a colour bar and the threshold contour."""
-    from napari_anopilad.io.overlay import render_overlay_png
-
-    thumbnail = slide.thumbnail()
-    width_level0, height_level0 = slide.dimensions
-    # Level-0 pixels per thumbnail pixel, averaged over both axes as pyramid downsamples are.
-    downsample = (width_level0 / thumbnail.shape[1] + height_level0 / thumbnail.shape[0]) / 2
-    return render_overlay_png(
-        path,
-        thumbnail,
-        downsample,
-        results.heatmap_eroded,
-        patch_size_level0=grid.patch_size_level0,
-        threshold=results.threshold,
-        title=f"{Path(slide.path).name}: eroded z-score ({results.z_source} statistics)",
-        demo=demo,
-        mpp=slide.mpp,
-    )
-
-
-def write_reconstruction_pairs(folder: Path, slide: Any, grid: Any, results: Any, store: Any) -> Path:
-    """Write ``r<row>_c<col>_original.png`` and ``r<row>_c<col>_reconstruction.png`` for every patch."""
-    from PIL import Image
-
-    from napari_anopilad.slide import read_patches
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cells = results.patches.cells()
-    for start in range(0, len(cells), 64):
-        chunk = cells[start : start + 64]
-        originals = read_patches(slide, grid, chunk)
-        for (row, col), original in zip(chunk, originals):
-            reconstruction = store.read_reconstruction(int(row), int(col))
-            if reconstruction is None:
-                raise RuntimeError(
-                    f"the store {store.folder} lacks the reconstruction of patch ({row}, {col})"
-                )
-            Image.fromarray(original).save(folder / f"r{row}_c{col}_original.png")
-            Image.fromarray(reconstruction).save(folder / f"r{row}_c{col}_reconstruction.png")
-    return folder
-
-
-def slide_summary(
-    *, results: Any, settings: Any, bundle: Any, region_level0: tuple[int, int, int, int] | None, slide: Any
-) -> dict[str, Any]:
-    """Build the content of slide.json."""
-    return {
-        "slide": str(slide.path) if hasattr(slide, "path") else None,
-        "slide_identity": slide.identity,
-        "z_max": results.z_max,
-        "z_99": results.z_99,
-        "n_patches": results.n_patches,
-        "n_anomalous_patches": int(np.count_nonzero(results.mask)),
-        "threshold": results.threshold,
-        "score": results.score_name,
-        "z_source": results.z_source,
-        "z_mean": results.z_mean,
-        "z_std": results.z_std,
-        "demo": bool(bundle.demo),
-        "bundle_identity": bundle.identity,
-        "settings": settings.to_dict(),
-        "region_level0": list(region_level0) if region_level0 is not None else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")

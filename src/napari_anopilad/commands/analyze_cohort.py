@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_anopilad.cli import CommandError
-from napari_anopilad.commands.analyze import DEMO_WARNING, add_analysis_arguments, write_outputs
+from napari_anopilad.commands.analyze import DEMO_WARNING, add_analysis_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool 
             else:
                 bar.write(f"FAILED  {outcome.slide.name}: {outcome.error}")
 
-        return run_cohort(client, slides, options, write_outputs, on_progress=report)
+        return run_cohort(client, slides, options, on_progress=report)
 
 
 def summary_line(outcome: Any) -> str:

@@ -40,10 +40,6 @@ STATUS_FAILED = "failed"
 _PRIORITY_PREPARE = 3_000_000
 _PRIORITY_FINISH = 2_000_000
 
-SlideWriter = Callable[..., dict[str, Path]]
-"""Writes a slide's output files: ``writer(out, *, slide, grid, results, settings, bundle, region_level0,
-store) -> {name: path}``, the signature of ``napari_anopilad.commands.analyze.write_outputs``."""
-
 
 @dataclass(frozen=True)
 class CohortSlide:
@@ -420,13 +416,13 @@ def score_block(plan: SlidePlan, cells: NDArray[np.int64], options: CohortOption
         return BlockOutcome(status=STATUS_FAILED, n_cells=len(cells), error=_error_text(error))
 
 
-def finish_slide(
-    plan: SlidePlan, blocks: Sequence[BlockOutcome], options: CohortOptions, write_outputs: SlideWriter
-) -> SlideOutcome:
+def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: CohortOptions) -> SlideOutcome:
     """Compute the slide results from the store and write the slide's output files.
 
+    The files are those of ``anopilad analyze`` (:func:`napari_anopilad.engine.outputs.write_outputs`).
     Returns a failed outcome when a block failed or the store lacks cells; never raises for a bad slide.
     """
+    from napari_anopilad.engine.outputs import write_outputs
     from napari_anopilad.engine.results import compute_slide_results
 
     failed = [block for block in blocks if block.status != STATUS_OK]
@@ -512,7 +508,6 @@ def run_cohort(
     client: Any,
     slides: Sequence[CohortSlide],
     options: CohortOptions,
-    write_outputs: SlideWriter,
     *,
     on_progress: Callable[[CohortProgress, SlideOutcome | None], None] | None = None,
 ) -> list[SlideOutcome]:
@@ -527,9 +522,6 @@ def run_cohort(
         The slides, with unique names.
     options : CohortOptions
         Options shared by every slide.
-    write_outputs : callable
-        Writes one slide's output files on a worker (see :data:`SlideWriter`); it must be importable
-        by the workers, as a module-level function is.
     on_progress : callable, optional
         Called on the client after each finished task with the counts so far and, when a slide has
         just finished, its outcome.
@@ -606,7 +598,6 @@ def run_cohort(
                 plan,
                 blocks,
                 options,
-                write_outputs,
                 key=_task_key("finish-slide", run_token, index, str(slide.path)),
                 priority=_PRIORITY_FINISH,
                 pure=False,

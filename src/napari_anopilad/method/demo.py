@@ -135,6 +135,7 @@ def make_demo_bundle(folder: str | Path, calibration_images: np.ndarray | None =
     images = calibration_images if calibration_images is not None else demo_normal_patches()
     spec["calibration"] = measure_calibration(folder, images).to_dict()
     _write_spec(folder, spec)
+    save_demo_triage_reference(folder, images)
     logger.info("demo bundle written to %s", folder)
     return folder
 
@@ -153,6 +154,54 @@ def measure_calibration(folder: Path, images_uint8: np.ndarray) -> Calibration:
     mean = {name: float(np.mean(scores.values(name))) for name in SCORES}
     std = {name: float(np.std(scores.values(name), ddof=0)) for name in SCORES}
     return Calibration(mean=mean, std=std, count=len(images_uint8), settings=bundle.settings)
+
+
+def save_demo_triage_reference(folder: Path, images_uint8: np.ndarray) -> Path:
+    """Build the triage reference of the bundle in ``folder`` from normal patches and save it into ``folder/triage/``.
+
+    Each patch is used four times, rotated by 0, 90, 180 and 270 degrees: the rotations by 0 and 180 degrees go
+    into the memory bank and the other two calibrate, so that three normal tiles give both sets the two patches
+    or more that the reference needs. Rotated copies of the same tiles make a poor calibration set, which is
+    acceptable only because the demo's scores mean nothing. Returns the reference's tensors file.
+    """
+    from napari_anopilad.method.bundle import load_bundle
+    from napari_anopilad.method.conch_model import encode_images
+    from napari_anopilad.method.prompts import (
+        cached_keyword_embeddings,
+        keyword_cache_key,
+        keyword_similarities,
+    )
+    from napari_anopilad.method.triage import build_triage_reference, save_triage_reference
+
+    images = np.asarray(images_uint8)
+    if len(images) < 1:
+        raise ValueError("the demo triage reference needs at least 1 normal patch, got 0")
+    train_images = np.concatenate([images, np.rot90(images, 2, axes=(1, 2))])
+    validation_images = np.concatenate([np.rot90(images, 1, axes=(1, 2)), np.rot90(images, 3, axes=(1, 2))])
+
+    bundle = load_bundle(folder)
+    conch = bundle.load_conch("cpu")
+    keyword_embeddings = cached_keyword_embeddings(bundle, conch, torch.device("cpu"))
+    train_embeddings = encode_images(conch, np.ascontiguousarray(train_images))
+    validation_embeddings = encode_images(conch, np.ascontiguousarray(validation_images))
+    conch_hash = bundle.part_hashes["conch"]
+    reference = build_triage_reference(
+        train_embeddings,
+        keyword_similarities(train_embeddings, keyword_embeddings.cpu()).numpy(),
+        validation_embeddings,
+        keyword_similarities(validation_embeddings, keyword_embeddings.cpu()).numpy(),
+        conch_hash=conch_hash,
+        keyword_key=keyword_cache_key(conch_hash, bundle.keywords, bundle.templates),
+        bank_size=len(train_images),
+        seed=DEMO_SEED,
+        demo=True,
+        sources={
+            "description": "demo normal tiles; rotations by 0 and 180 degrees in the bank, 90 and 270 for calibration",
+            "train_count": len(train_images),
+            "validation_count": len(validation_images),
+        },
+    )
+    return save_triage_reference(reference, folder)
 
 
 def demo_normal_patches() -> np.ndarray:
