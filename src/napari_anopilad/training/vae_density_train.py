@@ -1,9 +1,9 @@
 """Training of the VAE density family: the VAE and its background model in one run, on 64 px crops.
 
 Both VAEs minimise the negative ELBO (one posterior sample, analytic KL) in bits per dimension, each
-with its own Adam optimiser. The ``"model"`` VAE sees the normal crops; the ``"background"`` VAE sees
-the same crops with each pixel replaced by uniform noise at the perturbation rate (Ren et al., 2019),
-and optionally an L2 penalty through Adam's weight decay. The bundle holds both.
+with its own Adam optimiser. The ``"model"`` VAE trains on the normal crops. The ``"background"`` VAE
+trains on the same crops with each pixel replaced by uniform noise at the perturbation rate (Ren et
+al., 2019), optionally with an L2 penalty through Adam's weight decay. The bundle contains both.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ SCORE_NAMES = ("nll", "regret", "likelihood_ratio", "complexity")
 COMPRESSORS = ("png", "zlib")
 # Half the width of one intensity bin once 0..255 is mapped to [-1, 1].
 HALF_BIN = 1.0 / 255.0
-# Bounds of the decoder's log scale: below -7 the density of one bin saturates (the PixelCNN++ bound),
-# above 7 a bin's probability underflows in float32.
+# Bounds of the decoder's log scale. At -7 (the lower bound of PixelCNN++) the bin at the location already
+# has probability 0.97. A scale of exp(7) is far wider than [-1, 1], and the bound keeps bin probabilities finite.
 LOG_SCALE_MIN = -7.0
 LOG_SCALE_MAX = 7.0
 
@@ -163,7 +163,7 @@ def discretised_logistic_log_likelihood(
     """Return the log-probability in nats of 8-bit pixels under per-sub-pixel discretised logistics.
 
     Intensity ``k`` in 0..255 (``pixels = k / 127.5 - 1``) gets the logistic probability of the bin
-    ``[x - 1/255, x + 1/255]``; the end bins extend to minus and plus infinity, so the 256 probabilities
+    ``[x - 1/255, x + 1/255]``. The end bins extend to minus and plus infinity, so the 256 probabilities
     sum to 1.
 
     Parameters
@@ -236,8 +236,8 @@ def importance_weighted_log_likelihood(
 ) -> torch.Tensor:
     """Return the importance-weighted estimate of ``log p(x)`` in nats, ``(m,)``, from ``K = len(noise)`` samples.
 
-    With ``K = 1`` it is the single-sample ELBO estimate; it is a lower bound in expectation that
-    tightens towards ``log p(x)`` as ``K`` grows (Burda et al., 2016).
+    With ``K = 1`` it is the single-sample ELBO estimate. Its expectation is a lower bound of ``log p(x)``
+    that tightens as ``K`` grows (Burda et al., 2016).
     """
     return log_mean_exp(log_importance_weights(log_likelihood, mean, log_var, noise), dim=0)
 
@@ -398,7 +398,7 @@ class VaeDensityScorer(BaselineScorer):
 
     References: Burda, Grosse and Salakhutdinov (2016) for the importance-weighted NLL; Xiao, Yan and
     Amit (NeurIPS 2020) for the likelihood Regret; Ren et al. (NeurIPS 2019) for the likelihood ratio;
-    Serra et al. (ICLR 2020) for the input complexity. The bundle holds two VAEs of the same
+    Serra et al. (ICLR 2020) for the input complexity. The bundle contains two VAEs of the same
     architecture: ``"model"`` trained on normal crops and ``"background"`` trained on perturbed crops.
     """
 
