@@ -9,6 +9,13 @@
 
 Undefined values (one class only, no negative cells) are reported as ``n/a`` with the reason, and left
 out of averages. Patch scores are cached per bundle in ``scores/<bundle>.csv``, so a rerun resumes.
+
+Several score sets go side by side in one table, one row each (:class:`EvaluationRun`,
+:func:`evaluate_runs`). With ``--triage``, each bundle gives three rows: the CONCH triage score alone,
+AnoPILaD on every patch, and triage-guided AnoPILaD, which keeps AnoPILaD's scores only on each slide's
+triage budget (the top fraction by triage z-score plus their grid neighbours), as ``anopilad analyze
+--triage`` computes them. Its metrics cover only those patches, and the table's Coverage column says
+how many they are.
 """
 
 from __future__ import annotations
@@ -70,6 +77,36 @@ class Evaluation:
     patch_z: np.ndarray
     metrics: dict[str, MetricValue] = field(default_factory=dict)
     intervals: dict[str, BootstrapInterval] = field(default_factory=dict)
+    scorer: str = "anopilad"
+    coverage: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    """One score set to evaluate as one row of the report's table.
+
+    Attributes
+    ----------
+    label : str
+        The row's name in the table; unique among the runs of a report.
+    scores : pandas.DataFrame
+        One row per scored patch with ``slide``, ``row``, ``col``, ``label`` and the ``score_name`` column.
+    score_name : str
+        The score column to evaluate (``lpips``, ``mse_latent``, ``knn_distance``, a comparison method's).
+    calibration : tuple of float or None
+        ``(mean, std)`` of that score on normal patches; None z-scores each slide against itself.
+    demo : bool
+        Computed with a demo bundle, so the numbers mean nothing.
+    scorer : str
+        The method behind the scores, for example ``"anopilad"`` or ``"triage:knn_distance"``.
+    """
+
+    label: str
+    scores: pd.DataFrame
+    score_name: str
+    calibration: tuple[float, float] | None
+    demo: bool = False
+    scorer: str = "anopilad"
 
 
 def slide_results(
@@ -206,6 +243,133 @@ def evaluate(
     return evaluation
 
 
+def evaluate_runs(
+    runs: Sequence[EvaluationRun], slides: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0
+) -> list[Evaluation]:
+    """Evaluate each run on the same slides, in order, for one side-by-side table.
+
+    Each evaluation's ``coverage`` is the fraction of the patches that any run scored which this run
+    scored, so a run restricted to a budget shows how much of the slides its metrics cover.
+
+    Raises
+    ------
+    ValueError
+        If two runs have the same label or a run lacks its score column.
+    """
+    labels = [run.label for run in runs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"evaluation runs need unique labels, but {', '.join(repeated)} repeat")
+    for run in runs:
+        missing = [
+            column for column in ("slide", "row", "col", "label", run.score_name) if column not in run.scores
+        ]
+        if missing:
+            raise ValueError(f"the scores of run {run.label!r} lack the columns {missing}")
+
+    def cells(run: EvaluationRun) -> set[tuple[str, int, int]]:
+        table = run.scores[["slide", "row", "col"]]
+        return {(str(slide), int(row), int(col)) for slide, row, col in table.itertuples(index=False)}
+
+    every_cell: set[tuple[str, int, int]] = set().union(*(cells(run) for run in runs)) if runs else set()
+    evaluations = []
+    for run in runs:
+        evaluation = evaluate(
+            run.label,
+            run.scores,
+            slides,
+            run.score_name,
+            run.calibration,
+            run.demo,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        evaluation.scorer = run.scorer
+        evaluation.coverage = len(cells(run)) / len(every_cell) if every_cell else 0.0
+        evaluations.append(evaluation)
+    return evaluations
+
+
+def triage_guided_scores(
+    anopilad_scores: pd.DataFrame,
+    triage_scores: pd.DataFrame,
+    triage_z_column: str = "knn_z",
+    budget_fraction: float = 0.1,
+    neighbour_radius: int = 1,
+) -> pd.DataFrame:
+    """Keep the AnoPILaD scores of each slide's triage budget, as a triage-guided analysis computes them.
+
+    Per slide, the budget is taken over the patches with triage scores, by
+    :func:`napari_anopilad.engine.triage_pass.diffusion_budget`: the top ``budget_fraction`` by
+    ``triage_z_column`` plus the patches within ``neighbour_radius`` grid cells of them.
+    """
+    from napari_anopilad.engine.triage_pass import diffusion_budget
+
+    kept = []
+    for slide, triage in triage_scores.groupby("slide", sort=False):
+        cells = triage[["row", "col"]].to_numpy(dtype=np.int64)
+        budget, _ = diffusion_budget(
+            cells, triage[triage_z_column].to_numpy(dtype=np.float64), budget_fraction, neighbour_radius
+        )
+        wanted = {(int(row), int(col)) for row, col in budget}
+        patches = anopilad_scores[anopilad_scores["slide"] == slide]
+        keep = [(int(row), int(col)) in wanted for row, col in zip(patches["row"], patches["col"])]
+        kept.append(patches[np.asarray(keep, dtype=bool)])
+    if not kept:
+        return anopilad_scores.iloc[0:0]
+    return pd.concat(kept, ignore_index=True)
+
+
+TRIAGE_SCORE_COLUMNS = [
+    "path",
+    "slide",
+    "row",
+    "col",
+    "label",
+    "knn_distance",
+    "keyword_distance",
+    "knn_z",
+    "keyword_z",
+]
+
+
+def score_triage_rows(
+    scorer: Any,
+    extraction_folder: Path,
+    rows: pd.DataFrame,
+    scores_path: Path,
+    batch_size: int = 64,
+    progress: Any = None,
+) -> pd.DataFrame:
+    """Score manifest rows with a ``TriageScorer``, appending to ``scores_path`` after each batch (resumable)."""
+    from napari_anopilad.training.manifest import load_patches, write_table_atomic
+
+    scores_path = Path(scores_path)
+    if scores_path.is_file():
+        done = pd.read_csv(scores_path, dtype={"slide": str, "path": str}, keep_default_na=False)
+    else:
+        done = pd.DataFrame(columns=TRIAGE_SCORE_COLUMNS)
+    todo = rows[~rows["path"].isin(set(done["path"]))]
+    for start in range(0, len(todo), batch_size):
+        batch = todo.iloc[start : start + batch_size]
+        scores = scorer.score(load_patches(extraction_folder, batch["path"]))
+        new = pd.DataFrame(
+            {
+                "path": batch["path"].to_numpy(),
+                "slide": batch["slide"].to_numpy(),
+                "row": batch["row"].to_numpy(),
+                "col": batch["col"].to_numpy(),
+                "label": batch["label"].to_numpy(),
+                **{name: np.asarray(getattr(scores, name)) for name in TRIAGE_SCORE_COLUMNS[5:]},
+            }
+        )
+        done = pd.concat([done, new], ignore_index=True) if len(done) else new
+        write_table_atomic(done, scores_path)
+        if progress is not None:
+            progress.update(len(batch))
+    return done[done["path"].isin(set(rows["path"]))].reset_index(drop=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="07_evaluate.py",
@@ -224,6 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per scoring batch")
+    parser.add_argument(
+        "--triage",
+        action="store_true",
+        help="also evaluate each bundle's CONCH triage score and triage-guided AnoPILaD (needs triage/)",
+    )
+    parser.add_argument(
+        "--triage-score",
+        choices=("knn_distance", "keyword_distance"),
+        default="knn_distance",
+        help="triage score of the triage row and of the guided budget (default: knn_distance)",
+    )
+    parser.add_argument(
+        "--triage-budget",
+        type=float,
+        default=0.1,
+        metavar="FRACTION",
+        help="fraction of each slide's patches that guided AnoPILaD keeps, highest triage z first (default: 0.1)",
+    )
+    parser.add_argument(
+        "--triage-neighbours",
+        type=int,
+        default=1,
+        metavar="N",
+        help="guided AnoPILaD also keeps the patches within N grid cells of the budget (default: 1)",
+    )
     return parser
 
 
@@ -246,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     (args.report / "scores").mkdir(parents=True, exist_ok=True)
 
-    evaluations = []
+    runs: list[EvaluationRun] = []
     names = _unique_names(args.bundle)
     for bundle_folder, name in zip(args.bundle, names):
         bundle = load_bundle(bundle_folder, device=args.device)
@@ -262,24 +451,68 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores = score_rows(scorer, args.patches, rows, scores_path, args.batch_size, progress)
         calibration = scorer.calibration
         stats = None if calibration is None else (calibration.mean[score_name], calibration.std[score_name])
-        evaluations.append(
-            evaluate(
-                name,
-                scores,
-                slides,
-                score_name,
-                stats,
-                bundle.demo,
-                n_bootstrap=args.bootstrap,
-                seed=args.seed,
-            )
-        )
+        anopilad_run = EvaluationRun(name, scores, score_name, stats, bundle.demo, scorer="anopilad")
+        if not args.triage:
+            runs.append(anopilad_run)
+            continue
+        runs.extend(_triage_runs(args, bundle, name, rows, anopilad_run))
 
+    evaluations = evaluate_runs(runs, slides, n_bootstrap=args.bootstrap, seed=args.seed)
     annotations = _read_slide_annotations(slides)
     table = write_report(args.report, evaluations, slides, annotations)
     print(table.to_string(index=False))
     print(f"report written to {args.report}")
     return 0
+
+
+def _triage_runs(
+    args: argparse.Namespace, bundle: Any, name: str, rows: pd.DataFrame, anopilad_run: EvaluationRun
+) -> list[EvaluationRun]:
+    """Return the triage, AnoPILaD and triage-guided AnoPILaD runs of one bundle."""
+    from tqdm.auto import tqdm
+
+    from napari_anopilad.engine.triage_pass import check_budget
+    from napari_anopilad.method.triage import TriageScorer
+
+    try:
+        check_budget(args.triage_budget, args.triage_neighbours)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    scorer = TriageScorer(bundle, args.device)
+    scores_path = args.report / "scores" / f"{name}.triage.csv"
+    key_path = scores_path.with_suffix(".key")
+    key = f"{bundle.identity} {scorer.reference.identity} k{scorer.k}"
+    if key_path.is_file() and key_path.read_text() != key:
+        scores_path.unlink(missing_ok=True)
+    key_path.write_text(key)
+    with tqdm(total=len(rows), desc=f"triage {name}", unit="patch") as progress:
+        triage_scores = score_triage_rows(scorer, args.patches, rows, scores_path, 64, progress)
+
+    score = args.triage_score
+    statistics = scorer.knn_statistics if score == "knn_distance" else scorer.reference.keyword_calibration
+    z_column = "knn_z" if score == "knn_distance" else "keyword_z"
+    guided = triage_guided_scores(
+        anopilad_run.scores, triage_scores, z_column, args.triage_budget, args.triage_neighbours
+    )
+    return [
+        EvaluationRun(
+            f"{name} triage ({score})",
+            triage_scores,
+            score,
+            (float(statistics.mean), float(statistics.std)),
+            bool(scorer.demo),
+            scorer=f"triage:{score}",
+        ),
+        anopilad_run,
+        EvaluationRun(
+            f"{name} triage-guided ({args.triage_budget:g} budget)",
+            guided,
+            anopilad_run.score_name,
+            anopilad_run.calibration,
+            anopilad_run.demo,
+            scorer=f"anopilad, guided by triage:{score}",
+        ),
+    ]
 
 
 def _unique_names(folders: Sequence[Path]) -> list[str]:

@@ -1,4 +1,8 @@
-"""The evaluation report: a table laid out like the AnoPILaD paper's, curves and heatmaps as PNG files."""
+"""The evaluation report: a table laid out like the AnoPILaD paper's, curves and heatmaps as PNG files.
+
+The table has one row per evaluated score set (a bundle, the triage score, triage-guided AnoPILaD, a
+comparison method) and one column per metric, so several methods sit side by side as in the paper.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ TABLE_COLUMNS = [
     ("iou", "IoU"),
     ("tnr", "TNR"),
 ]
+COVERAGE_TITLE = "Coverage"
 
 
 def _format(value: MetricValue, interval: BootstrapInterval | None) -> str:
@@ -40,14 +45,25 @@ def _format(value: MetricValue, interval: BootstrapInterval | None) -> str:
 
 
 def results_table(evaluations: Sequence[Evaluation]) -> pd.DataFrame:
-    """Return one row per bundle and one column per metric, as formatted text with bootstrap intervals."""
+    """Return one row per evaluation and one column per metric, as formatted text with bootstrap intervals.
+
+    When some evaluation scored fewer patches than the others (a triage budget), a last column gives each
+    row's coverage: the fraction of the patches scored by any row that this row scored.
+    """
+    with_coverage = _needs_coverage(evaluations)
     records = []
     for evaluation in evaluations:
         record = {"Method": evaluation.name + (" (demo)" if evaluation.demo else "")}
         for key, title in TABLE_COLUMNS:
             record[title] = _format(evaluation.metrics[key], evaluation.intervals.get(key))
+        if with_coverage:
+            record[COVERAGE_TITLE] = f"{evaluation.coverage:.1%}"
         records.append(record)
     return pd.DataFrame(records)
+
+
+def _needs_coverage(evaluations: Sequence[Evaluation]) -> bool:
+    return any(getattr(evaluation, "coverage", 1.0) < 1.0 for evaluation in evaluations)
 
 
 def _undefined_notes(evaluations: Sequence[Evaluation]) -> list[str]:
@@ -153,6 +169,8 @@ def write_report(
     if any(evaluation.demo for evaluation in evaluations):
         lines += [f"**{DEMO_WARNING}**", ""]
     header = ["Method", *(title for _, title in TABLE_COLUMNS)]
+    if _needs_coverage(evaluations):
+        header.append(COVERAGE_TITLE)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for record in table.to_dict("records"):
@@ -165,7 +183,10 @@ def write_report(
         "slides, TNR over normal slides, at eroded z > 0.",
     ]
     for evaluation in evaluations:
-        lines.append(f"Z-scores of {evaluation.name}: {evaluation.z_source} statistics.")
+        lines.append(
+            f"{evaluation.name}: scorer {evaluation.scorer}, {evaluation.z_source} statistics, "
+            f"{evaluation.coverage:.1%} of the scored patches."
+        )
     notes = _undefined_notes(evaluations)
     if notes:
         lines += ["", "Undefined values:", "", *(f"- {note}" for note in notes)]
