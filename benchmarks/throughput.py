@@ -103,6 +103,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patches", type=int, default=4, help="number of patches run by both sides")
     parser.add_argument(
+        "--baseline-patches",
+        type=int,
+        default=None,
+        help="run the per-patch pipeline on only the first N patches (default: all); its patches/s is per patch",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=None, help="patches per reconstruct_latents call (default: all)"
     )
     parser.add_argument("--steps", type=int, default=100, help="inference grid steps (default 100)")
@@ -128,6 +134,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--patches {arguments.patches} is invalid: use 1 or more")
     if arguments.batch_size is not None and arguments.batch_size < 1:
         parser.error(f"--batch-size {arguments.batch_size} is invalid: use 1 or more")
+    if arguments.baseline_patches is not None and not 1 <= arguments.baseline_patches <= arguments.patches:
+        parser.error(f"--baseline-patches {arguments.baseline_patches} is invalid: use 1 to --patches")
     return arguments
 
 
@@ -395,12 +403,13 @@ def markdown_tables(report: dict[str, Any]) -> str:
         f"{settings['sampler'].upper()}, {settings['steps']}-step grid, start {settings['start']}, "
         f"guidance {settings['guidance']}, {settings['patches']} patches.",
         "",
-        "| run | UNet calls per patch | UNet batch | seconds | patches/s | achieved GFLOP/s |",
-        "|---|---|---|---|---|---|",
+        "| run | patches | UNet calls per patch | UNet batch | seconds | patches/s | achieved GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for side in sides:
         lines.append(
-            f"| {side['name']} | {side['unet_calls_per_patch']} | {side['unet_batch']} | {side['seconds']:.1f} "
+            f"| {side['name']} | {side['patches']} | {side['unet_calls_per_patch']} | {side['unet_batch']} "
+            f"| {side['seconds']:.1f} "
             f"| {side['patches_per_second']:.3f} | {side['achieved_flops'] / 1e9:.1f} |"
         )
     lines += [
@@ -441,6 +450,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     strength = pipeline_strength(pipeline, arguments.steps, arguments.start)
     n_patches = arguments.patches
     batch_size = arguments.batch_size or n_patches
+    n_baseline = arguments.baseline_patches or n_patches
+    baseline_inputs = (
+        inputs[0][:n_baseline],
+        inputs[1][:n_baseline],
+        inputs[2][:n_baseline],
+        inputs[3][:n_baseline],
+    )
 
     # Warm up kernels (and compilation) at the batch sizes the timed runs use, with 3 steps each.
     warm_up = argparse.Namespace(**{**vars(arguments), "start": 20})
@@ -452,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         unet, lambda: run_ours(unet, *inputs, arguments, arguments.steps, device)
     )
     pipeline_batches, (pipeline_seconds, pipeline_result) = record_unet_batches(
-        unet, lambda: run_pipeline(pipeline, *inputs, arguments, strength, device)
+        unet, lambda: run_pipeline(pipeline, *baseline_inputs, arguments, strength, device)
     )
 
     sides = [
@@ -466,8 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         SideResult(
             name="StableDiffusionImg2ImgPipeline, per patch",
             seconds=pipeline_seconds,
-            patches=n_patches,
-            unet_calls_per_patch=len(pipeline_batches) // n_patches,
+            patches=n_baseline,
+            unet_calls_per_patch=len(pipeline_batches) // n_baseline,
             unet_batch=max(pipeline_batches),
         ),
     ]
@@ -496,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unet_flops_per_call": flops_per_call,
         "sides": side_rows,
         "speedup": sides[0].patches_per_second / sides[1].patches_per_second,
-        "result_difference": relative_difference(ours_result, pipeline_result),
+        "result_difference": relative_difference(ours_result[:n_baseline], pipeline_result),
         "matmul_flops": measure_matmul_rate(device, dtype),
         "trade_off": trade_off_rows(unet, inputs, arguments, ours_seconds, ours_result, device)
         if arguments.trade_off_steps

@@ -1,0 +1,178 @@
+"""The benchmark scripts' smallest paths, so that a broken benchmark shows in CI and not on a GPU machine.
+
+Each test runs a script's ``main`` with tiny models and a start timestep of 21, which leaves 3 steps of
+the 100-step grid (21, 11, 1). Timings are not checked; the scripts' outputs and their agreement with
+independent references are.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+TINY_START = "21"
+TINY_STEPS = 3
+
+
+def test_throughput_matches_img2img(tmp_path: Path) -> None:
+    import throughput
+
+    report = throughput.main(
+        [
+            "--patches",
+            "2",
+            "--baseline-patches",
+            "1",
+            "--start",
+            TINY_START,
+            "--trade-off-steps",
+            "50",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    ours, baseline = report["sides"]
+    assert ours["unet_calls_per_patch"] == baseline["unet_calls_per_patch"] == TINY_STEPS
+    assert ours["unet_batch"] == 4 and baseline["unet_batch"] == 2
+    assert ours["patches"] == 2 and baseline["patches"] == 1
+    # The same computation as diffusers' pipeline on the patch both ran.
+    assert report["result_difference"] < 1e-5
+    assert [row["num_inference_steps"] for row in report["trade_off"]] == [100, 50]
+    assert (tmp_path / "throughput-cpu-reduced-float32-ddim.json").is_file()
+    assert (
+        "| StableDiffusionImg2ImgPipeline, per patch | 1 |"
+        in (tmp_path / "throughput-cpu-reduced-float32-ddim.md").read_text()
+    )
+
+
+def test_stage_breakdown_demo_bundle(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    import napari_anopilad.method.scorer as scorer_module
+    import stage_breakdown
+    from napari_anopilad.method.diffusion import reconstruct_latents
+
+    report = stage_breakdown.main(
+        [
+            "--bundle",
+            str(demo_bundle_dir),
+            "--batch-size",
+            "2",
+            "--start-timestep",
+            TINY_START,
+            "--threads",
+            "1",
+            "--no-warm-up",
+            "--label",
+            "test",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    seconds = {row["stage"]: row["seconds"] for row in report["stages"]}
+    assert set(seconds) == set(stage_breakdown.STAGES)
+    for stage in ("read", "conch", "conch_preprocess", "text_encoding", "vae_encode", "unet_loop"):
+        assert seconds[stage] > 0, stage
+    for stage in ("vae_decode", "lpips", "store", "tissue_mask"):
+        assert seconds[stage] > 0, stage
+    assert seconds["conch_preprocess"] <= seconds["conch"]
+
+    shares = [
+        row["fraction_of_batch"] for row in report["stages"] if row["stage"] in stage_breakdown.MODEL_STAGES
+    ]
+    outside = sum(
+        row["fraction_of_batch"]
+        for row in report["stages"]
+        if row["stage"] in ("read", "scorer_other", "store")
+    )
+    assert sum(shares) + outside == pytest.approx(1.0)
+    assert report["model_fraction_of_batch"] == pytest.approx(sum(shares))
+    assert np.isfinite(report["lpips_mean"])
+    assert report["settings"]["start_timestep"] == int(TINY_START)
+
+    # The timers are removed again: the scorer module calls the original function.
+    assert scorer_module.reconstruct_latents is reconstruct_latents
+    written = json.loads((tmp_path / "stage-breakdown-test.json").read_text())
+    assert written["stages"] == report["stages"]
+
+
+def test_gpu_suite_tiny(tmp_path: Path) -> None:
+    import gpu_suite
+
+    # The compile step is left out: tracing the UNet takes minutes on a 2-core CPU.
+    report = gpu_suite.main(["--tiny", "--skip-compile", "--out", str(tmp_path)])
+    steps = report["steps"]
+    assert set(steps) == {"matmul", "throughput", "stage_breakdown", "cuda_graphs", "batch_sweep"}
+    for name, figures in steps.items():
+        assert "error" not in figures, (name, figures.get("error"))
+    assert steps["throughput"]["result_difference"] < 1e-5
+    assert steps["cuda_graphs"]["skipped"] == "CUDA graphs need a CUDA device"
+    assert [row["patches"] for row in steps["batch_sweep"]["rows"]] == [1, 2]
+    memory = steps["stage_breakdown"]["memory"]
+    assert memory["chosen_batch_size"] == 8
+    assert steps["stage_breakdown"]["whole_slide_minutes_overlapped"] > 0
+    summary = (tmp_path / "gpu-suite.md").read_text()
+    assert "tiny models, code-path check only" in summary
+    # At most 8 files come back from the GPU machine's output folder.
+    assert len(list(tmp_path.iterdir())) <= 8
+
+
+@pytest.mark.gui
+def test_stall_meter_sees_gui_stall(qapp) -> None:
+    from qtpy.QtCore import QTimer
+
+    import viewer_responsiveness
+
+    def block_gui_thread() -> None:
+        time.sleep(0.3)
+
+    meter = viewer_responsiveness.StallMeter(10)
+    meter.start()
+    QTimer.singleShot(100, block_gui_thread)
+    end = time.perf_counter() + 0.8
+    viewer_responsiveness.run_event_loop(lambda: time.perf_counter() >= end, 10, "the test")
+    figures = meter.stop()
+    assert 290 <= figures["max_gap_ms"] < 2000
+    assert figures["gaps_over_100ms"] >= 1
+    longest = figures["longest_stalls"][0]
+    assert longest["gap_ms"] == pytest.approx(figures["max_gap_ms"])
+    assert any("block_gui_thread" in stack for stack in longest["gui_thread_stacks"])
+
+
+@pytest.mark.gui
+def test_viewer_responsiveness_demo(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    import viewer_responsiveness
+
+    report = viewer_responsiveness.main(
+        [
+            "--bundle",
+            str(demo_bundle_dir),
+            "--batch-size",
+            "4",
+            "--start-timestep",
+            TINY_START,
+            "--view-patches",
+            "1.5",
+            "--idle-seconds",
+            "1",
+            "--threads",
+            "1",
+            "--timeout",
+            "300",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert report["idle"]["calls"] > 0 and report["analysis"]["calls"] > 0
+    assert report["first_view_cells"] >= 1 and report["pan_view_cells"] >= 1
+    assert 0 < report["pan_to_first_cell_seconds"] < 300
+    assert report["patches_done"] >= report["first_view_cells"] + 1
+    assert (tmp_path / "viewer-responsiveness-cpu.md").is_file()
