@@ -30,6 +30,7 @@ from napari_anopilad.method.baselines.vae_density import (
     compressed_bits,
     discretised_logistic_log_likelihood,
     evidence_lower_bound,
+    float32_convolutions,
     importance_weighted_log_likelihood,
     likelihood_regret,
     log_importance_weights,
@@ -438,3 +439,13 @@ def test_invalid_option_is_named(run: Path):
     settings = BaselineSettings(method="vae-density", score="nll", options={"samples": 4})
     with pytest.raises(ValueError, match=r"unknown vae-density options \['samples'\]"):
         make_scorer(bundle, settings=settings)
+
+
+def test_float32_convolutions_restores_flag():
+    convolutions = torch.backends.cudnn.conv
+    before = convolutions.fp32_precision
+    with float32_convolutions(torch.device("cuda")):
+        assert convolutions.fp32_precision == "ieee"
+    assert convolutions.fp32_precision == before
+    with float32_convolutions(torch.device("cpu")):
+        assert convolutions.fp32_precision == before
