@@ -320,9 +320,16 @@ def test_training_resume_matches_uninterrupted(run: Path, patches: Path, tmp_pat
             assert torch.equal(resumed[key], uninterrupted[key]), f"{part} {key}"
 
 
-def test_training_rejects_other_crop_size(patches: Path, tmp_path: Path):
+def test_training_rejects_invalid_options(patches: Path, tmp_path: Path):
+    arguments = [str(patches), "--output", str(tmp_path)]
     with pytest.raises(SystemExit, match="--crop-size 32 is invalid"):
-        train_main([str(patches), "--output", str(tmp_path), "--crop-size", "32"])
+        train_main([*arguments, "--crop-size", "32"])
+    with pytest.raises(SystemExit, match="--channels '8,x' is invalid"):
+        train_main([*arguments, "--channels", "8,x"])
+    with pytest.raises(SystemExit, match=r"--perturbation-rate 1\.5 is invalid"):
+        train_main([*arguments, "--perturbation-rate", "1.5"])
+    with pytest.raises(SystemExit, match="input_size 64 does not halve 7 times"):
+        train_main([*arguments, "--channels", "1,1,1,1,1,1,1"])
 
 
 KEYS = [("slide", index, 0) for index in range(4)]

@@ -211,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         channels = tuple(int(count) for count in args.channels.split(","))
+    except ValueError as error:
+        raise SystemExit(
+            f"error: --channels {args.channels!r} is invalid: give comma-separated integers such as 32,64,128,256"
+        ) from error
+    try:
         architecture = VaeConfig(latent_dim=args.latent_dim, channels=channels, input_size=INPUT_SIZE)
         options = VaeDensityOptions(
             importance_samples=args.importance_samples,
