@@ -4,6 +4,10 @@ The model runs in a napari ``thread_worker`` generator (:func:`analysis_worker`)
 it yields one message when the slide's grid and stored results are ready, then each finished batch.
 The GUI thread turns those into layer updates. Pans and zooms are debounced and re-queue the patches
 in view at the front.
+
+With "Triage first", the worker maps every tissue patch with the CONCH triage scorer before the
+diffusion. The triage map becomes its own layer, and the diffusion then scores the patches in view and
+the triage budget, highest triage score first.
 """
 
 from __future__ import annotations
@@ -39,8 +43,14 @@ from qtpy.QtWidgets import (
 )
 
 from napari_anopilad._reader import opened_slide
+from napari_anopilad.engine.triage_pass import (
+    DEFAULT_BUDGET_FRACTION,
+    DEFAULT_NEIGHBOUR_RADIUS,
+    DEFAULT_TRIAGE_SCORE,
+    TRIAGE_SCORE_NAMES,
+)
 from napari_anopilad.method.settings import SAMPLERS, InferenceSettings
-from napari_anopilad.widgets.layers import cells_in_box, viewer_camera, visible_box_level0
+from napari_anopilad.widgets.layers import cells_in_box, show_triage_layer, viewer_camera, visible_box_level0
 from napari_anopilad.widgets.model import PatchAccumulator, SlideAnalysis, analyses_for, slide_metadata
 
 logger = logging.getLogger(__name__)
@@ -67,6 +77,10 @@ class AnalysisRequest:
     visible_box_level0: tuple[float, float, float, float] | None
     store_root: Path
     load_only: bool = False
+    triage: bool = False
+    triage_score: str = DEFAULT_TRIAGE_SCORE
+    triage_budget: float = DEFAULT_BUDGET_FRACTION
+    triage_neighbours: int = DEFAULT_NEIGHBOUR_RADIUS
 
 
 @dataclass
@@ -92,6 +106,16 @@ class Started:
 
 
 @dataclass
+class TriageReady:
+    """The triage pass is done: its map of the slide and the diffusion plan it gave."""
+
+    results: Any
+    plan: Any
+    n_computed: int
+    patches_per_s: float
+
+
+@dataclass
 class AnalysisControl:
     """Thread-safe link between the GUI thread and the running worker.
 
@@ -103,6 +127,7 @@ class AnalysisControl:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     session: Any = None
+    triage_pass: Any = None
 
     def request_cells(self, cells: NDArray[np.integer]) -> None:
         """Queue these cells first, in this order."""
@@ -124,8 +149,11 @@ class AnalysisControl:
         self._stop.set()
         with self._lock:
             session = self.session
+            triage_pass = self.triage_pass
         if session is not None:
             session.cancel()
+        if triage_pass is not None:
+            triage_pass.cancel()
 
     @property
     def stopped(self) -> bool:
@@ -135,6 +163,12 @@ class AnalysisControl:
         with self._lock:
             self.session = session
 
+    def set_triage_pass(self, triage_pass: Any) -> None:
+        with self._lock:
+            self.triage_pass = triage_pass
+        if triage_pass is not None and self.stopped:
+            triage_pass.cancel()
+
 
 class ModelCache:
     """Loaded bundles and scorers, kept between runs so that a pan does not reload the model."""
@@ -143,6 +177,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self._bundles: dict[str, Any] = {}
         self._scorers: dict[tuple[str, str, str], Any] = {}
+        self._triage_scorers: dict[tuple[str, str], Any] = {}
 
     def bundle(self, folder: Path) -> Any:
         from napari_anopilad.method.bundle import load_bundle
@@ -164,13 +199,26 @@ class ModelCache:
                 self._scorers[key] = AnoPILaDScorer(bundle, str(device), settings)
             return self._scorers[key]
 
+    def triage_scorer(self, folder: Path, bundle: Any, device: Any) -> Any:
+        """Return the triage scorer (CONCH and the bundle's triage reference) of this bundle and device."""
+        from napari_anopilad.method.triage import TriageScorer
+
+        key = (str(Path(folder).resolve()), str(device))
+        with self._lock:
+            if key not in self._triage_scorers:
+                self._triage_scorers.clear()
+                self._triage_scorers[key] = TriageScorer(bundle, str(device))
+            return self._triage_scorers[key]
+
 
 def analysis_worker(
     request: AnalysisRequest, control: AnalysisControl, models: ModelCache
 ) -> Generator[Any, None, None]:
     """Run one analysis; yields :class:`Prepared`, :class:`Started`, then each ``BatchResult``.
 
-    Runs in a worker thread and never touches Qt or napari layers.
+    With ``request.triage``, each ``TriageBatch`` of the triage pass and a :class:`TriageReady` come
+    between :class:`Prepared` and :class:`Started`. Runs in a worker thread and never touches Qt or
+    napari layers.
     """
     from napari_anopilad.engine.device import choose_device, describe_device
     from napari_anopilad.engine.results import calibration_reference
@@ -199,10 +247,22 @@ def analysis_worker(
         visible = cells_in_box(request.visible_box_level0, grid.patch_size_level0, grid.shape, tissue_cells)
         control.request_cells(visible)
 
-    # 3. Sessions: the whole slide in one, or the cells in view, again as long as new ones come into view.
+    # 3. With triage, the triage map of every tissue patch and the diffusion plan it gives.
+    plan = None
+    if request.triage:
+        plan = yield from _triage_first(request, control, models, slide, bundle, grid, device)
+        if plan is None:
+            return
+
+    # 4. Sessions: the whole slide in one, the triage budget and the cells in view in one, or the cells in
+    # view, again as long as new ones come into view.
     while not control.stopped:
         done = store.done_cells(need_reconstructions=request.save_reconstructions)
-        cells = tissue_cells if request.whole_slide else np.array(control.pending(done), dtype=np.int64)
+        pending = np.array(control.pending(done), dtype=np.int64).reshape(-1, 2)
+        if plan is not None:
+            cells = np.concatenate([plan.cells, pending])
+        else:
+            cells = tissue_cells if request.whole_slide else pending
         if len(cells) == 0:
             return
         session = AnalysisSession(
@@ -216,6 +276,9 @@ def analysis_worker(
             calibration=calibration,
         )
         control.set_session(session)
+        if plan is not None:
+            session.prioritize(plan.priority)
+        # A later prioritize goes first, so the cells in view come before the triage order.
         session.prioritize(np.array(control.pending(done), dtype=np.int64).reshape(-1, 2))
         if session.n_remaining == 0:
             return
@@ -224,6 +287,49 @@ def analysis_worker(
         control.set_session(None)
         if request.whole_slide:
             return
+
+
+def _triage_first(
+    request: AnalysisRequest,
+    control: AnalysisControl,
+    models: ModelCache,
+    slide: Any,
+    bundle: Any,
+    grid: Any,
+    device: Any,
+) -> Generator[Any, None, Any]:
+    """Run the triage pass over every tissue cell, yielding each batch, then :class:`TriageReady`.
+
+    Returns the diffusion plan, or None when the pass was stopped before it finished.
+    """
+    from napari_anopilad.engine.triage_pass import (
+        TriagePass,
+        compute_triage_results,
+        open_triage_store,
+        plan_diffusion,
+    )
+
+    scorer = models.triage_scorer(request.bundle_folder, bundle, device)
+    triage_store = open_triage_store(request.store_root, slide, bundle, scorer, grid)
+    tissue_cells = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
+    triage_pass = TriagePass(slide, grid, scorer, triage_store, cells=tissue_cells)
+    control.set_triage_pass(triage_pass)
+    n_computed = 0
+    patches_per_s = 0.0
+    try:
+        for batch in triage_pass.run():
+            n_computed += len(batch.cells)
+            patches_per_s = batch.patches_per_s
+            yield batch
+    finally:
+        control.set_triage_pass(None)
+    if control.stopped:
+        return None
+
+    results = compute_triage_results(triage_store, grid, request.triage_score, cells=tissue_cells)
+    plan = plan_diffusion(results, tissue_cells, request.triage_budget, request.triage_neighbours)
+    yield TriageReady(results, plan, n_computed, patches_per_s)
+    return plan
 
 
 # -- the dock widget -----------------------------------------------------------------------------
@@ -255,6 +361,8 @@ class AnalysisWidget(QWidget):
         self._last_batch_time = 0.0
         self._bundle_worker: Any = None
         self.loaded_bundle: Any = None
+        self.triage_layer: Any = None
+        self.triage_ready: TriageReady | None = None
 
         self._build_form()
         self.requeue_timer = QTimer(self)
@@ -321,6 +429,7 @@ class AnalysisWidget(QWidget):
         form.addRow("Guidance scale", self.guidance_scale)
         form.addRow("Batch size", self.batch_size)
         form.addRow("", self.save_reconstructions)
+        self._add_triage_rows(form)
 
         self.visible_button = QPushButton("Analyse visible region")
         self.whole_button = QPushButton("Analyse whole slide")
@@ -346,6 +455,37 @@ class AnalysisWidget(QWidget):
         layout.addWidget(self.demo_label)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
+
+    def _add_triage_rows(self, form: QFormLayout) -> None:
+        self.triage_check = QCheckBox("Triage first")
+        self.triage_check.setToolTip(
+            "Map every tissue patch with the bundle's CONCH triage reference first (its own layer), then run "
+            "the diffusion on the patches in view and on the triage budget, highest triage score first"
+        )
+        self.triage_budget = QDoubleSpinBox()
+        self.triage_budget.setRange(0.0, 1.0)
+        self.triage_budget.setDecimals(2)
+        self.triage_budget.setSingleStep(0.05)
+        self.triage_budget.setValue(DEFAULT_BUDGET_FRACTION)
+        self.triage_budget.setToolTip(
+            "Fraction of the tissue patches that the diffusion scores, highest triage score first; 1 scores all"
+        )
+        self.triage_neighbours = QSpinBox()
+        self.triage_neighbours.setRange(0, 10)
+        self.triage_neighbours.setValue(DEFAULT_NEIGHBOUR_RADIUS)
+        self.triage_neighbours.setToolTip(
+            "Also score the tissue patches within this many grid cells of each budget patch"
+        )
+        self.triage_score = QComboBox()
+        self.triage_score.addItems(list(TRIAGE_SCORE_NAMES))
+        self.triage_score.setCurrentText(DEFAULT_TRIAGE_SCORE)
+        for control in (self.triage_budget, self.triage_neighbours, self.triage_score):
+            control.setEnabled(False)
+            self.triage_check.toggled.connect(control.setEnabled)
+        form.addRow("", self.triage_check)
+        form.addRow("Triage budget", self.triage_budget)
+        form.addRow("Triage neighbours", self.triage_neighbours)
+        form.addRow("Triage score", self.triage_score)
 
     # -- slide and bundle choice -----------------------------------------------------------------
 
@@ -475,6 +615,10 @@ class AnalysisWidget(QWidget):
             visible_box_level0=box,
             store_root=default_store_root(),
             load_only=load_only,
+            triage=self.triage_check.isChecked(),
+            triage_score=self.triage_score.currentText(),
+            triage_budget=float(self.triage_budget.value()),
+            triage_neighbours=int(self.triage_neighbours.value()),
         )
 
     def start_analysis(self, whole_slide: bool) -> None:
@@ -497,6 +641,8 @@ class AnalysisWidget(QWidget):
     def _start_worker(self, request: AnalysisRequest) -> None:
         import_model_code()
         self.request = request
+        if request.triage and not request.load_only:
+            self.triage_ready = None
         self.control = AnalysisControl()
         worker = thread_worker(analysis_worker, start_thread=False)(request, self.control, self.models)
         worker.yielded.connect(self._on_message)
@@ -523,12 +669,65 @@ class AnalysisWidget(QWidget):
     # -- messages on the GUI thread --------------------------------------------------------------
 
     def _on_message(self, message: Any) -> None:
+        from napari_anopilad.engine.triage_pass import TriageBatch
+
         if isinstance(message, Prepared):
             self._on_prepared(message)
+        elif isinstance(message, TriageBatch):
+            self._on_triage_batch(message)
+        elif isinstance(message, TriageReady):
+            self._on_triage_ready(message)
         elif isinstance(message, Started):
             self._on_started(message)
         else:
             self._on_batch(message)
+
+    def _on_triage_batch(self, batch: Any) -> None:
+        self.status_label.setText(
+            f"Triage: {batch.n_done} / {batch.n_total} tissue patches, {batch.patches_per_s:.1f} patches/s..."
+        )
+
+    def _on_triage_ready(self, ready: TriageReady) -> None:
+        """Show the triage map as its own layer and say what the diffusion covers next."""
+        self.triage_ready = ready
+        layer = self.slide_layer()
+        prepared = self.prepared
+        if layer is None or prepared is None:
+            return
+        results = ready.results
+        self.triage_layer = show_triage_layer(
+            self.viewer,
+            f"{layer.name} triage",
+            results.heatmap_eroded,
+            prepared.grid.patch_size_level0,
+            metadata={
+                "role": "triage",
+                "slide": layer.name,
+                "scorer": results.scorer_name,
+                "coverage": results.coverage,
+                "world_unit": "level-0 pixel",
+            },
+        )
+        # The slide stays the active layer, so that the inspector and the threshold follow the analysis.
+        self.viewer.layers.selection.active = layer
+        z_max = "n/a" if results.z_max is None else f"{results.z_max:.2f}"
+        self.status_label.setText(
+            f"Triage map ({results.scorer_name}): {results.n_patches} / {results.n_tissue_patches} tissue "
+            f"patches, Z_max {z_max}. The diffusion scores the patches in view, then {ready.plan.n_budget} "
+            "budget patches in triage order."
+        )
+
+    def coverage_text(self) -> str:
+        """Return the status line's coverage: AnoPILaD's and, after a triage pass, the triage map's."""
+        prepared = self.prepared
+        if prepared is None or self.accumulator is None:
+            return ""
+        n_tissue = len(prepared.grid.tissue_cells())
+        text = f"AnoPILaD covers {len(self.accumulator)} / {n_tissue} tissue patches"
+        if self.triage_ready is not None:
+            triage = self.triage_ready.results
+            text += f", triage ({triage.scorer_name}) {triage.n_patches} / {n_tissue}"
+        return text
 
     def _on_prepared(self, prepared: Prepared) -> None:
         self.prepared = prepared
@@ -578,7 +777,7 @@ class AnalysisWidget(QWidget):
         demo = "DEMO bundle, " if self.analysis is not None and self.analysis.demo else ""
         self.status_label.setText(
             f"{result.n_done} / {result.n_total} patches done, {result.patches_per_s:.2f} patches/s, "
-            f"{demo}{self.device_name}, batch size {result.batch_size}"
+            f"{demo}{self.device_name}, batch size {result.batch_size}. {self.coverage_text()}."
         )
 
     def _update_results(self) -> None:
@@ -612,7 +811,8 @@ class AnalysisWidget(QWidget):
             done = len(self.accumulator) if self.accumulator is not None else 0
             state = "Stopped" if stopped else "Finished"
             follow = " Pan or zoom to analyse more of the slide." if self.follow_view else ""
-            self.status_label.setText(f"{state}: {done} patches of this slide analysed.{follow}")
+            coverage = f" {self.coverage_text()}." if self.triage_ready is not None else ""
+            self.status_label.setText(f"{state}: {done} patches of this slide analysed.{coverage}{follow}")
 
     # -- the view --------------------------------------------------------------------------------
 
@@ -708,7 +908,8 @@ def import_model_code() -> None:
 
     import napari_anopilad.method.bundle
     import napari_anopilad.method.demo
-    import napari_anopilad.method.scorer  # noqa: F401
+    import napari_anopilad.method.scorer
+    import napari_anopilad.method.triage  # noqa: F401
 
 
 def _device_choices() -> list[str]:

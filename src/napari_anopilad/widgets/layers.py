@@ -21,6 +21,8 @@ from numpy.typing import NDArray
 Z_CONTRAST_LIMITS = (-4.0, 4.0)
 HEATMAP_COLORMAP = "coolwarm"
 HEATMAP_OPACITY = 0.6
+# The triage map uses another colormap than the AnoPILaD z-score, so the two layers are told apart at a glance.
+TRIAGE_COLORMAP = "magma"
 
 
 def grid_layer_transform(patch_size_level0: float) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -41,6 +43,54 @@ def grid_layer_transform(patch_size_level0: float) -> tuple[tuple[float, float],
         raise ValueError(f"patch_size_level0 must be positive, got {patch_size_level0!r}")
     offset = size / 2 - 0.5
     return (size, size), (offset, offset)
+
+
+def show_triage_layer(
+    viewer: Any,
+    name: str,
+    eroded: NDArray[np.floating],
+    patch_size_level0: float,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
+    """Show a triage map (one data pixel per grid cell) as the layer ``name``, replacing its data if it exists.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer with the slide layer (world frame: level-0 pixels).
+    name : str
+        Layer name, for example ``"<slide> triage"``.
+    eroded : ndarray, shape (rows, cols)
+        Eroded triage z-scores, NaN where no patch was scored.
+    patch_size_level0 : float
+        ``P``, the grid's patch size in level-0 pixels.
+    metadata : dict, optional
+        Stored under the plugin's metadata key of the layer.
+    """
+    from napari_anopilad._reader import METADATA_KEY
+
+    data = np.asarray(eroded, dtype=np.float32)
+    scale, translate = grid_layer_transform(patch_size_level0)
+    layer_metadata = {METADATA_KEY: dict(metadata or {})}
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if layer.data.shape == data.shape:
+            layer.data = data
+            layer.metadata = layer_metadata
+            return layer
+        viewer.layers.remove(name)
+    return viewer.add_image(
+        data,
+        name=name,
+        scale=scale,
+        translate=translate,
+        colormap=TRIAGE_COLORMAP,
+        contrast_limits=Z_CONTRAST_LIMITS,
+        opacity=HEATMAP_OPACITY,
+        blending="translucent",
+        interpolation2d="nearest",
+        metadata=layer_metadata,
+    )
 
 
 def world_to_cell(
