@@ -449,10 +449,10 @@ class VaeDensityScorer(BaselineScorer):
             try:
                 network.load_state_dict(self.bundle.state_dict(part))
             except RuntimeError as error:
-                first_line = str(error).strip().splitlines()[-1].strip()
+                detail = str(error).strip().splitlines()[-1].strip()
                 raise BundleError(
                     f"{METHOD} weights: {self.bundle.weights[part]} ({part}) does not match the architecture "
-                    f"in bundle.json ({first_line}); use the bundle.json that was saved with the weights, "
+                    f"in bundle.json ({detail}); use the bundle.json that was saved with the weights, "
                     "or retrain"
                 ) from error
             network.to(self.device).eval().requires_grad_(False)
@@ -522,7 +522,7 @@ class VaeDensityScorer(BaselineScorer):
             .cpu()
             .numpy()
         )
-        complexity_bits = torch.tensor(
+        compressed_bits_per_dim = torch.tensor(
             [compressed_bits(crop, self.options.compressor) / dimensions for crop in crops_uint8],
             dtype=torch.float64,
             device=nll_bits.device,
@@ -531,5 +531,5 @@ class VaeDensityScorer(BaselineScorer):
             "nll": nll_bits,
             "regret": regret_bits,
             "likelihood_ratio": ratio_bits,
-            "complexity": nll_bits - complexity_bits,
+            "complexity": nll_bits - compressed_bits_per_dim,
         }
