@@ -142,3 +142,109 @@ def test_runs_reject_bad_input(tables) -> None:
         evaluate_runs([run, run], slides)
     with pytest.raises(ValueError, match=r"lack the columns \['knn_distance'\]"):
         evaluate_runs([EvaluationRun("x", anopilad, "knn_distance", None)], slides)
+
+
+def _extraction(folder: Path, data_dir: Path) -> Path:
+    """An extraction folder of two slides: three real Camelyon17 tiles each, one slide with two tumour tiles."""
+    from PIL import Image
+
+    tiles = data_dir / "patches" / "camelyon17"
+    normal = sorted(tiles.glob("tile_noncancer_*.png"))
+    tumour = sorted(tiles.glob("tile_cancer_*.png"))
+    layout = {
+        "slide-t": [(tumour[0], "tumour"), (tumour[1], "tumour"), (normal[0], "normal")],
+        "slide-n": [(normal[0], "normal"), (normal[1], "normal"), (normal[2], "normal")],
+    }
+    manifest, slides = [], []
+    for slide, patches in layout.items():
+        for col, (tile, label) in enumerate(patches):
+            relative = f"patches/{slide}/r0_c{col}.png"
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(tile) as image:
+                image.convert("RGB").resize((256, 256), Image.Resampling.BICUBIC).save(folder / relative)
+            manifest.append(
+                {
+                    "path": relative,
+                    "slide": slide,
+                    "slide_identity": f"identity-{slide}",
+                    "split": "test-in",
+                    "x_level0": col * 256,
+                    "y_level0": 0,
+                    "width_level0": 256,
+                    "height_level0": 256,
+                    "row": 0,
+                    "col": col,
+                    "tissue_fraction": 1.0,
+                    "tumour_fraction": 1.0 if label == "tumour" else 0.0,
+                    "excluded_fraction": 0.0,
+                    "label": label,
+                    "caption": "",
+                }
+            )
+        slides.append(
+            {
+                "slide": slide,
+                "slide_path": f"{slide}.svs",
+                "slide_identity": f"identity-{slide}",
+                "split": "test-in",
+                "label": "tumour" if slide == "slide-t" else "normal",
+                "annotation_path": "",
+                "mpp": 0.5,
+                "rows": 1,
+                "cols": 3,
+                "patch_size_level0": 256,
+                "n_patches": 3,
+            }
+        )
+    pd.DataFrame(manifest).to_csv(folder / "manifest.csv", index=False)
+    pd.DataFrame(slides).to_csv(folder / "slides.csv", index=False)
+    return folder
+
+
+def test_evaluate_command_triage_rows(tmp_path: Path, data_dir: Path, demo_bundle_dir: Path) -> None:
+    from napari_anopilad.method.bundle import load_bundle
+    from napari_anopilad.method.triage import TriageScorer
+    from napari_anopilad.training.evaluate import main
+    from napari_anopilad.training.manifest import load_patches
+
+    extraction = _extraction(tmp_path / "extracted", data_dir)
+    report = tmp_path / "report"
+    arguments = [
+        str(extraction),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--report",
+        str(report),
+        "--bootstrap",
+        "10",
+        "--batch-size",
+        "6",
+        "--triage",
+        "--triage-budget",
+        "0.3",
+        "--triage-neighbours",
+        "0",
+    ]
+
+    assert main(arguments) == 0
+
+    name = demo_bundle_dir.name
+    results = pd.read_csv(report / "results.csv", keep_default_na=False)
+    assert list(results["Method"]) == [
+        f"{name} triage (knn_distance) (demo)",
+        f"{name} (demo)",
+        f"{name} triage-guided (0.3 budget) (demo)",
+    ]
+    assert list(results["Coverage"]) == ["100.0%", "100.0%", "33.3%"]
+    triage = pd.read_csv(report / "scores" / f"{name}.triage.csv", keep_default_na=False)
+    expected = TriageScorer(load_bundle(demo_bundle_dir)).score(load_patches(extraction, triage["path"]))
+    np.testing.assert_allclose(triage["knn_z"], expected.knn_z, rtol=1e-5)
+    per_slide = pd.read_csv(report / "per_slide.csv")
+    guided = per_slide[per_slide["method"] == f"{name} triage-guided (0.3 budget)"]
+    # ceil(0.3 * 3) = 1 patch of each slide, the one with the highest triage z-score.
+    assert list(guided["scored_patches"]) == [1, 1]
+
+    # A rerun reuses the cached triage scores.
+    before = (report / "scores" / f"{name}.triage.csv").read_text()
+    assert main(arguments) == 0
+    assert (report / "scores" / f"{name}.triage.csv").read_text() == before
