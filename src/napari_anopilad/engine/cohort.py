@@ -237,24 +237,23 @@ def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
     The cache keeps one model per process, so a worker that meets another bundle frees the previous
     one's device memory instead of holding both.
     """
-    from napari_anopilad.method.bundle import load_bundle
+    from napari_anopilad.method.scorers import load_any_bundle, make_scorer
 
     key = _model_key(options)
     with _cache_lock:
         model = _cache.get(key)
         if model is None:
             _cache.clear()
-            bundle = load_bundle(options.bundle)
+            bundle = load_any_bundle(options.bundle)
             model = _LoadedModel(bundle=bundle, settings=bundle.settings.with_overrides(**options.overrides))
             _cache[key] = model
             logger.info("Loaded the bundle %s (identity %s)", options.bundle, bundle.identity)
         if with_scorer and model.scorer is None:
             from napari_anopilad.engine.device import check_precision, choose_device, describe_device
-            from napari_anopilad.method.scorer import AnoPILaDScorer
 
             device = choose_device(options.device)
             check_precision(device, model.settings.precision)
-            model.scorer = AnoPILaDScorer(model.bundle, str(device), model.settings)
+            model.scorer = make_scorer(model.bundle, str(device), model.settings)
             logger.info("Built the scorer on %s with %s", describe_device(device), model.settings)
     return model
 
