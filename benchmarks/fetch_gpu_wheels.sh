@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Download the wheels that benchmarks/gpu_suite.sh needs on a GPU machine without network access.
 #
-# The GPU machine's Python 3.12 image has torch, transformers, peft, timm, safetensors, tifffile, scipy,
-# scikit-image and pillow, but not the packages below. They are pinned to the versions of this
-# project's development environment. Run once, from the repository root, on a machine with network access:
+# The GPU machine's Python 3.12 image has torch, transformers, peft, timm, safetensors, scipy,
+# scikit-image and pillow, but not the packages below. Its tifffile is of unknown age, so a recent one
+# travels too (the slide reader opens tifffile's zarr stores with zarr 3). The versions are those of
+# this project's development environment. Run once, from the repository root, on a machine with network access:
 #
 #     bash benchmarks/fetch_gpu_wheels.sh
 #
@@ -29,6 +30,7 @@ PACKAGES=(
     partd==1.4.2
     locket==1.0.0
     imagecodecs==2026.3.6
+    tifffile==2026.3.3
     platformdirs==4.14.9
 )
 

@@ -4,7 +4,8 @@ Steps, most important first; each writes its figures as soon as it ends, so a ru
 limit still returns what it finished. A step that fails records its error and the next one runs.
 
 1. ``matmul``: the device's measured bf16 matrix multiply rate (8192 x 8192 products).
-2. ``throughput``: benchmarks/throughput.py at the paper's settings with the full Stable Diffusion 1.5
+2. ``throughput``: benchmarks/throughput.py at the published AnoPILaD settings (DDIM, 100-step grid,
+   start 674, guidance 7.5) with the full Stable Diffusion 1.5
    UNet (random weights) in bf16: batched ``reconstruct_latents`` against diffusers'
    ``StableDiffusionImg2ImgPipeline`` patch by patch, with the UNet loop's achieved TFLOP/s from
    ``torch.utils.flop_counter`` counts, and the fewer-grid-steps table.
@@ -53,7 +54,7 @@ PAPER_START_TIMESTEP = 674
 PAPER_STEPS = 100
 GUIDANCE_SCALE = 7.5
 # Start timestep that leaves 10 steps of the 100-step grid (91, 81, ..., 1): short timed loops whose
-# time per UNet call is scaled to the paper's 68 calls.
+# time per UNet call is scaled to the 68 calls that start 674 takes on that grid.
 SHORT_START_TIMESTEP = 91
 SHORT_LOOP_STEPS = 10
 # With --tiny, 3 steps (21, 11, 1) keep the code-path check short.
@@ -419,6 +420,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"Measured matrix multiply rate ({steps['matmul']['dtype']}): {steps['matmul']['tflops']:.1f} TFLOP/s."
         )
+
     figures = steps.get("throughput", {})
     if "speedup" in figures:
         share = figures["batched_share_of_matmul_rate"]
@@ -434,6 +436,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
             f"{'-' if share is None else f'{100 * share:.0f}%'} of the measured matrix rate "
             f"({figures['unet_gflop_per_call']:.0f} GFLOP per UNet call at batch 1, torch's FLOP counter).",
         ]
+
     sweep = steps.get("batch_sweep", {}).get("rows")
     if sweep:
         lines += [
@@ -446,6 +449,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
                 f"| {row['patches']} | {row['ms_per_unet_call']:.1f} | {row['patches_per_s_at_68_steps']:.2f} "
                 f"| {row.get('unet_tflops', math.nan):.1f} |"
             )
+
     graphs = steps.get("cuda_graphs", {}).get("rows")
     if graphs:
         lines += [
@@ -458,6 +462,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
                 f"| {row['patches']} | {row['eager']['ms_per_unet_call']:.1f} "
                 f"| {row['cuda_graph']['ms_per_unet_call']:.1f} | {row['speedup']:.2f}x |"
             )
+
     breakdown = steps.get("stage_breakdown", {})
     if "stages" in breakdown:
         lines += ["", "| stage | seconds | share of the batch |", "|---|---|---|"]
@@ -479,6 +484,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
                 f"{memory['estimated_bytes_per_patch'] / 2**20:.0f} MiB; automatic batch size "
                 f"{memory['batch_size_from_estimate']} (estimate), {memory['batch_size_from_measurement']} (measured)."
             )
+
     compiled = steps.get("compile", {})
     if "speedup" in compiled:
         lines.append(
@@ -486,10 +492,12 @@ def markdown_summary(report: dict[str, Any]) -> str:
             f"({compiled['compiled']['ms_per_unet_call']:.1f} ms against {compiled['eager']['ms_per_unet_call']:.1f} ms), "
             f"after {compiled['compile_and_first_loop_seconds']:.0f} s of compilation."
         )
+
     for name, figures in steps.items():
         for key in ("error", "skipped"):
             if key in figures:
                 lines.append(f"\nStep {name} {key}: {figures[key]}")
+
     return "\n".join(lines) + "\n"
 
 

@@ -89,8 +89,8 @@ def conch_vit_b16_config() -> dict[str, Any]:
 def make_benchmark_bundle(folder: str | Path, tiny: bool = False, device: str = "cpu") -> Path:
     """Build the random-weight bundle in ``folder`` (created; must be empty or absent) and return the folder.
 
-    ``device`` is where the weights are initialised (a GPU initialises SD1.5's 860 million UNet
-    parameters in a fraction of a CPU's time); they are saved from the CPU either way.
+    The weights are initialised on ``device``, because a GPU initialises SD1.5's 860 million UNet
+    parameters in a fraction of a CPU's time. They are saved from the CPU either way.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""Where the time of one batch goes: slide reading, tissue mask, CONCH, text encoding, VAE, UNet, LPIPS, store.
+"""Time of one batch by stage: slide reading, tissue mask, CONCH, text encoding, VAE, UNet, LPIPS, store.
 
 The batch runs through the real scorer (:class:`AnoPILaDScorer`). The scorer's own steps are timed from
 outside: its methods ``_keyword_prompts`` (CONCH image embedding, similarities and prompt strings),

@@ -83,8 +83,8 @@ class StallMeter:
     """Records the gaps between calls of a precise Qt timer, in seconds, and where the GUI thread was.
 
     A watchdog thread samples the GUI thread's Python stack whenever the timer is late by more than
-    ``STALL_SAMPLE_S``. A stack that ends in the event loop means the GUI thread was waiting, for the GIL
-    held by another thread; any other stack names the GUI-thread code that ran too long.
+    ``STALL_SAMPLE_S``. A stack that ends in the event loop means the GUI thread was waiting in Qt's C++
+    code or for the GIL held by another thread. Any other stack names the GUI-thread code that ran too long.
     """
 
     def __init__(self, interval_ms: int) -> None:
@@ -246,8 +246,9 @@ def measure(arguments: argparse.Namespace, bundle_folder: Path) -> dict[str, Any
         run_event_loop(lambda: widget.loaded_bundle is not None, arguments.timeout, "the bundle to load")
         run_event_loop(lambda: widget.worker is None, arguments.timeout, "the stored results")
         if arguments.start_timestep is not None:
-            # Other settings use another result store: show it before the measurement, as a user who
-            # changes a setting sees it, so the analysis layers exist before the analysis starts.
+            # Other settings use another result store, whose layers the dock would build on the GUI thread
+            # when the analysis starts (seconds on a slow CPU). They are built here before the
+            # measurement, so that it covers the analysis alone.
             widget.start_timestep.setValue(arguments.start_timestep)
             earlier = widget.prepared
             widget.show_stored_results()
@@ -373,6 +374,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parse_arguments(argv)
+    if arguments.threads and "torch" not in sys.modules:
+        # The model runs in a worker thread; the variable sets its OpenMP pool too, not only this thread's.
+        os.environ["OMP_NUM_THREADS"] = str(arguments.threads)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         raise SystemExit("no display: run this under a display, for example `xvfb-run -a python ...`")
     import napari
@@ -402,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": arguments.batch_size,
             "start_timestep": arguments.start_timestep,
             "view_patches": arguments.view_patches,
+            "torch_threads_requested": arguments.threads,
             "slide": arguments.slide.name,
             "bundle": "demo bundle" if arguments.bundle is None else arguments.bundle.name,
         },
