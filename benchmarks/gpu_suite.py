@@ -1,7 +1,7 @@
 """All GPU benchmarks in one process, sized for one call of about 8 minutes on an H200.
 
-Steps, most important first; each writes its figures as soon as it ends, so a run stopped at its time
-limit still returns what it finished. A step that fails records its error and the next one runs.
+The steps run most important first. Each writes its figures as soon as it ends, so a run stopped at its
+time limit still returns what it finished. A step that fails records its error and the next one runs.
 
 1. ``matmul``: the device's measured bf16 matrix multiply rate (8192 x 8192 products).
 2. ``throughput``: benchmarks/throughput.py at the published AnoPILaD settings (DDIM, 100-step grid,

@@ -21,7 +21,16 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 PYTHON=${PYTHON:-python3}
+# Results go to --out when given, else to $OUT (set by the GPU machine's runner), else to
+# benchmarks/results/gpu. A --tiny check without either writes to a temporary folder.
 OUT_DIR=${OUT:-benchmarks/results/gpu}
+previous=""
+for argument in "$@"; do
+    [[ "$argument" == "--tiny" && -z "${OUT:-}" ]] && OUT_DIR="${TMPDIR:-/tmp}/anopilad-gpu-suite-tiny"
+    [[ "$previous" == "--out" ]] && OUT_DIR="$argument"
+    previous="$argument"
+done
 mkdir -p "$OUT_DIR"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT_DIR/gpu-suite-nvidia-smi.csv" 2>&1 || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+    >"$OUT_DIR/gpu-suite-nvidia-smi.csv" 2>&1 || true
 "$PYTHON" benchmarks/gpu_suite.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu-suite.log"

@@ -8,6 +8,7 @@ independent references are.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,6 +128,12 @@ def test_gpu_suite_tiny(tmp_path: Path) -> None:
     assert len(list(tmp_path.iterdir())) <= 8
 
 
+def test_gpu_shell_scripts_parse() -> None:
+    for script in ("gpu_suite.sh", "fetch_gpu_wheels.sh"):
+        completed = subprocess.run(["bash", "-n", str(BENCHMARKS / script)], capture_output=True, text=True)
+        assert completed.returncode == 0, completed.stderr
+
+
 @pytest.mark.gui
 def test_stall_meter_sees_gui_stall(qapp) -> None:
     from qtpy.QtCore import QTimer
@@ -150,6 +157,7 @@ def test_stall_meter_sees_gui_stall(qapp) -> None:
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 def test_viewer_responsiveness_demo(tmp_path: Path, demo_bundle_dir: Path) -> None:
     import viewer_responsiveness
 
