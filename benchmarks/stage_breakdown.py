@@ -156,14 +156,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def pick_cells(grid: Any, count: int, offset: int) -> np.ndarray:
-    """Return ``count`` tissue cells from the middle of the slide's tissue, starting ``offset`` cells on."""
+    """Return ``count`` tissue cells from the middle of the slide's tissue, starting ``offset`` cells on.
+
+    The tissue cells are taken in grid order from about the middle and wrap around. A batch larger than
+    the slide's tissue (the sample slide has 34 tissue patches) repeats cells; every repeat is scored
+    again, so the timing is still that of a batch of ``count`` patches.
+    """
     tissue = grid.tissue_cells()
-    if len(tissue) < count + offset:
-        raise ValueError(
-            f"the slide has {len(tissue)} tissue patches, fewer than the {count + offset} needed"
-        )
-    first = max(0, min(len(tissue) - count - offset, len(tissue) // 2 - count))
-    return tissue[first + offset : first + offset + count]
+    if len(tissue) == 0:
+        raise ValueError("the slide has no tissue patches to time")
+    first = len(tissue) // 2 + offset
+    return tissue[(first + np.arange(count)) % len(tissue)]
 
 
 def load_scorer(arguments: argparse.Namespace, bundle_folder: Path) -> tuple[Any, AnoPILaDScorer]:

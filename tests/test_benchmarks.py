@@ -107,6 +107,22 @@ def test_stage_breakdown_demo_bundle(tmp_path: Path, demo_bundle_dir: Path) -> N
     assert written["stages"] == report["stages"]
 
 
+def test_stage_cells_wrap_small_slide(cmu_slide_path: Path) -> None:
+    import stage_breakdown
+    from napari_anopilad.slide import build_patch_grid, open_slide
+
+    with open_slide(cmu_slide_path) as slide:
+        grid = build_patch_grid(slide)
+    tissue = {(int(row), int(col)) for row, col in grid.tissue_cells()}
+    # A GPU batch of 64 is larger than the sample slide's tissue.
+    cells = stage_breakdown.pick_cells(grid, 64, 0)
+    assert cells.shape == (64, 2)
+    assert {(int(row), int(col)) for row, col in cells} == tissue
+    assert len({(int(row), int(col)) for row, col in cells[: len(tissue)]}) == len(tissue)
+    warm_up = stage_breakdown.pick_cells(grid, 4, 4)
+    np.testing.assert_array_equal(warm_up, cells[4:8])
+
+
 def test_gpu_suite_tiny(tmp_path: Path) -> None:
     import gpu_suite
 
