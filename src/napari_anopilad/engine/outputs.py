@@ -40,7 +40,7 @@ def cells_in_region(
 
 
 def tissue_cells_of(grid: Any, region_level0: tuple[int, int, int, int] | None) -> NDArray[np.int64]:
-    """Return the tissue cells of the grid, or of those the ones overlapping ``region_level0``."""
+    """Return the grid's tissue cells, only those overlapping ``region_level0`` when it is given."""
     cells = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
     return cells if region_level0 is None else cells_in_region(grid, cells, region_level0)
 
@@ -364,7 +364,7 @@ def slide_summary(
 ) -> dict[str, Any]:
     """Build the content of slide.json.
 
-    The top-level slide scores are AnoPILaD's (``scorer`` is ``"anopilad"``); ``coverage`` says how many of
+    The top-level slide scores are AnoPILaD's (``scorer`` is ``"anopilad"``). ``coverage`` gives how many of
     the ``n_tissue_patches`` tissue patches they cover (all analysed patches when the count is not given).
     With a triage map, the ``triage`` block holds its slide scores, scorer, coverage and diffusion plan.
     """

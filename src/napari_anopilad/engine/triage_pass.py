@@ -1,8 +1,8 @@
 """Triage pass: CONCH triage scores for every tissue patch of a slide, and the diffusion order they give.
 
-The pass embeds the tissue patches with the bundle's CONCH in batches (:class:`TriagePass`), stores each
-finished batch atomically in a :class:`TriageStore` next to the AnoPILaD result store, and turns the
-stored scores into a slide map (:func:`compute_triage_results`) and a diffusion plan
+The pass embeds the tissue patches with the bundle's CONCH in batches (:class:`TriagePass`) and stores
+each finished batch atomically in a :class:`TriageStore` next to the AnoPILaD result store. The stored
+scores then give a slide map (:func:`compute_triage_results`) and a diffusion plan
 (:func:`plan_diffusion`): the cells with the highest triage z-scores, plus their grid neighbours, highest
 first. The plan's ``priority`` goes to ``AnalysisSession.prioritize`` and its ``cells`` restrict the
 session.
@@ -58,7 +58,7 @@ _ARRAY_NAMES = ("knn_distance", "keyword_distance", "knn_z", "keyword_z")
 
 @dataclass(frozen=True)
 class TriageSettings:
-    """Which triage score steers the diffusion, and how much of the slide the diffusion covers.
+    """Triage settings: the score that steers the diffusion, and the share of the slide the diffusion covers.
 
     Attributes
     ----------
@@ -191,7 +191,7 @@ class TriageStore:
     Raises
     ------
     ValueError
-        If the folder cannot be created, or holds a manifest for other keys.
+        If the folder cannot be created, or contains a manifest for other keys.
     """
 
     def __init__(
@@ -669,7 +669,7 @@ def diffusion_budget(
     The top set is the ``ceil(budget_fraction * n)`` cells with the highest z-scores (every cell when the
     fraction is 1). Every cell of ``cells`` within ``neighbour_radius`` grid cells of a top cell (Chebyshev
     distance, so 1 is the 8-neighbourhood) joins it. All budget cells are ordered by their own z-score,
-    highest first; equal z-scores keep row-major order, and cells without a z-score (NaN) come last and
+    highest first, and equal z-scores keep row-major order. Cells without a z-score (NaN) come last and
     are never in the top set. With radius 1 the result equals
     :func:`napari_anopilad.method.triage.order_cells_by_triage`.
     """

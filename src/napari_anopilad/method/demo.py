@@ -159,9 +159,9 @@ def measure_calibration(folder: Path, images_uint8: np.ndarray) -> Calibration:
 def save_demo_triage_reference(folder: Path, images_uint8: np.ndarray) -> Path:
     """Build the triage reference of the bundle in ``folder`` from normal patches and save it into ``folder/triage/``.
 
-    Each patch is used four times, rotated by 0, 90, 180 and 270 degrees: the rotations by 0 and 180 degrees go
-    into the memory bank and the other two calibrate, so that three normal tiles give both sets the two patches
-    or more that the reference needs. Rotated copies of the same tiles make a poor calibration set, which is
+    Each patch is used four times, rotated by 0, 90, 180 and 270 degrees. The rotations by 0 and 180 degrees go
+    into the memory bank and the other two calibrate, so three normal tiles give both sets the two or more
+    patches that the reference needs. Rotated copies of the same tiles make a poor calibration set, which is
     acceptable only because the demo's scores mean nothing. Returns the reference's tensors file.
     """
     from napari_anopilad.method.bundle import load_bundle
