@@ -384,7 +384,7 @@ def memory_figures(suite: Suite, scorer: Any) -> dict[str, Any]:
         grid = build_patch_grid(slide)
         cells = grid.tissue_cells()[:probe]
         images = read_patches(slide, grid, cells)
-    keys = [(slide.identity, int(row), int(col)) for row, col in cells]
+        keys = [(slide.identity, int(row), int(col)) for row, col in cells]
     measured = measure_patch_bytes(lambda: scorer.score(images, keys), suite.device, probe)
     free_bytes, total_bytes = torch.cuda.mem_get_info(suite.device)
     figures.update(
@@ -434,7 +434,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
             "",
             f"Speed-up {figures['speedup']:.2f}x; the batched UNet loop reaches "
             f"{'-' if share is None else f'{100 * share:.0f}%'} of the measured matrix rate "
-            f"({figures['unet_gflop_per_call']:.0f} GFLOP per UNet call at batch 1, torch's FLOP counter).",
+            f"({figures['unet_gflop_per_call']:.3g} GFLOP per UNet call at batch 1, torch's FLOP counter).",
         ]
 
     sweep = steps.get("batch_sweep", {}).get("rows")
