@@ -221,3 +221,41 @@ def test_triage_without_reference_exits_2(
     assert status == 2
     assert "triage reference" in error
     assert "build_triage_reference.py" in error
+
+
+def test_patch_table_extra_columns(tmp_path: Path) -> None:
+    from napari_anopilad.engine.outputs import write_patch_table
+    from napari_anopilad.io.tables import write_patches_csv
+
+    record = {
+        "x": 0,
+        "y": 256,
+        "width": 256,
+        "height": 256,
+        "row": 1,
+        "col": 0,
+        "tissue_fraction": 0.75,
+        "keywords": ["a", "b"],
+        "weights": [1.1, 1.0],
+        "prompt": "a histopathological photograph of (a)+ and (b)",
+        "lpips": 0.25,
+        "mse_latent": None,
+        "z": 1.5,
+        "z_eroded": 1.0,
+    }
+
+    # Only the standard columns: the same bytes as io.tables writes.
+    write_patch_table(tmp_path / "plain.csv", [record])
+    write_patches_csv(tmp_path / "reference.csv", [record])
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+    # A further named score and a missing triage value follow the standard columns.
+    write_patch_table(tmp_path / "wide.csv", [{**record, "ssim": 0.5, "triage_knn_z": None}])
+    rows = _read_table(tmp_path / "wide.csv")
+    with open(tmp_path / "wide.csv") as file:
+        header = file.readline().strip().split(",")
+    assert header == [*PATCH_COLUMNS, "ssim", "triage_knn_z"]
+    assert rows[0]["ssim"] == "0.5"
+    assert rows[0]["triage_knn_z"] == ""
+    assert rows[0]["mse_latent"] == ""
+    assert rows[0]["keywords"] == "a;b"
