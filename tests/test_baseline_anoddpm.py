@@ -17,6 +17,8 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from napari_anopilad.engine.session import AnalysisSession
+from napari_anopilad.engine.store import ResultStore, grid_description
 from napari_anopilad.method.baselines.anoddpm import (
     AnoDDPMScorer,
     check_options,
@@ -29,6 +31,7 @@ from napari_anopilad.method.diffusion import alphas_cumprod
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.perceptual import build_backbone_features
 from napari_anopilad.method.scorers import load_any_bundle, make_scorer, score_names
+from napari_anopilad.slide import build_patch_grid, open_slide, read_patches
 from napari_anopilad.training import anoddpm_train, calibrate, extract
 from napari_anopilad.training.manifest import load_patches, read_manifest, select_rows
 
@@ -311,6 +314,28 @@ def test_sampler_and_start_change_scores(trained: Path, real_patches: np.ndarray
     assert not np.allclose(later.score(real_patches[:1], keys).values("mse"), default)
     assert not np.allclose(reseeded.score(real_patches[:1], keys).values("mse"), default)
     assert later.calibration is None
+
+
+def test_session_stores_scores_of_real_slide(trained: Path, cmu_slide_path: Path, tmp_path: Path):
+    bundle = load_any_bundle(trained / "bundle")
+    scorer = make_scorer(bundle)
+    with open_slide(cmu_slide_path) as slide:
+        grid = build_patch_grid(slide)
+        cells = grid.tissue_cells()[:3]
+        store = ResultStore(
+            tmp_path / "store", slide.identity, bundle.identity, scorer.settings, grid_description(grid)
+        )
+        batches = list(AnalysisSession(slide, grid, scorer, store, cells=cells, batch_size=2).run())
+        direct = scorer.score(read_patches(slide, grid, cells), [(slide.identity, r, c) for r, c in cells])
+
+    assert sum(len(batch.cells) for batch in batches) == 3
+    stored = store.load()
+    order = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(stored.rows, stored.cols))}
+    for index, (row, col) in enumerate(cells):
+        for name in ("mse", "lpips"):
+            assert stored.scores(name)[order[(int(row), int(col))]] == pytest.approx(
+                direct.values(name)[index], rel=1e-5
+            )
 
 
 def test_calibrate_writes_statistics_scorer_uses(trained: Path, patches: Path, tmp_path: Path):
