@@ -159,7 +159,7 @@ def pick_cells(grid: Any, count: int, offset: int) -> np.ndarray:
     """Return ``count`` tissue cells from the middle of the slide's tissue, starting ``offset`` cells on.
 
     The tissue cells are taken in grid order from about the middle and wrap around. A batch larger than
-    the slide's tissue (the sample slide has 34 tissue patches) repeats cells; every repeat is scored
+    the slide's tissue (the sample slide has 34 tissue patches) repeats cells. Every repeat is scored
     again, so the timing is still that of a batch of ``count`` patches.
     """
     tissue = grid.tissue_cells()
