@@ -288,6 +288,15 @@ def test_scores_batch_independent(trained: Path, real_patches: np.ndarray):
         np.testing.assert_allclose(single_values, values, rtol=1e-5, err_msg=name)
 
 
+def test_empty_batch_gives_no_scores(trained: Path):
+    scorer = make_scorer(load_any_bundle(trained / "bundle"))
+    scores = scorer.score(np.zeros((0, 256, 256, 3), dtype=np.uint8), [], return_reconstructions=True)
+    assert len(scores) == 0
+    assert scores.values("lpips").shape == (0,)
+    assert scores.reconstructions is not None
+    assert scores.reconstructions.shape == (0, 256, 256, 3)
+
+
 def test_mse_is_mean_squared_pixel_error(trained: Path, real_patches: np.ndarray):
     scorer = make_scorer(load_any_bundle(trained / "bundle"))
     pixels = as_pixels(real_patches[:1])

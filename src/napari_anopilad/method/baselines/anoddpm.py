@@ -292,6 +292,9 @@ class AnoDDPMScorer(BaselineScorer):
     def score_pixels(
         self, pixels: torch.Tensor, noise_seeds: Sequence[int], return_reconstructions: bool
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        if pixels.shape[0] == 0:
+            empty = torch.empty(0, dtype=torch.float32)
+            return {name: empty for name in SCORE_NAMES}, pixels.float() if return_reconstructions else None
         noise = gaussian_noise(noise_seeds, tuple(pixels.shape[1:]))
         reconstructed = reconstruct_pixels(
             self.unet,
