@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     diffusers==0.42.1
     importlib_metadata==10.2.0
+    lazy-importer==0.1.0
     compel==2.5.1
     lpips==0.1.4
     open_clip_torch==3.3.0
