@@ -143,15 +143,31 @@ def step_matmul(suite: Suite) -> dict[str, Any]:
     return {"dtype": str(dtype), "tflops": rate / 1e12}
 
 
-def step_throughput(suite: Suite) -> dict[str, Any]:
-    arguments = suite.arguments
+def throughput_argv(arguments: argparse.Namespace) -> list[str]:
+    """Return the arguments of benchmarks/throughput.py for this suite run."""
     if arguments.tiny:
         argv = ["--patches", "2", "--baseline-patches", "1", "--start", str(TINY_START_TIMESTEP)]
         argv += ["--trade-off-steps", "50", "--threads", "1"]
     else:
-        argv = ["--full-sd15", "--device", str(suite.device), "--dtype", "bfloat16"]
+        argv = ["--full-sd15", "--device", str(arguments.device), "--dtype", "bfloat16"]
         argv += ["--patches", str(arguments.patches), "--baseline-patches", "16"]
-    report = throughput.main([*argv, "--out", str(arguments.out)])
+    return [*argv, "--out", str(arguments.out)]
+
+
+def stage_breakdown_argv(arguments: argparse.Namespace, bundle_folder: Path) -> list[str]:
+    """Return the arguments of benchmarks/stage_breakdown.py for this suite run."""
+    argv = ["--bundle", str(bundle_folder), "--device", str(arguments.device), "--out", str(arguments.out)]
+    argv += ["--label", "gpu-suite"]
+    if arguments.tiny:
+        argv += ["--batch-size", "2", "--start-timestep", str(TINY_START_TIMESTEP), "--threads", "1"]
+    else:
+        argv += ["--batch-size", str(arguments.patches), "--precision", "bfloat16"]
+    return argv
+
+
+def step_throughput(suite: Suite) -> dict[str, Any]:
+    argv = throughput_argv(suite.arguments)
+    report = throughput.main(argv)
     ours, baseline = report["sides"]
     suite.report["unet_flops_per_call"] = report["unet_flops_per_call"]
     matmul = suite.report.get("matmul_tflops")
@@ -336,12 +352,7 @@ def step_stage_breakdown(suite: Suite) -> dict[str, Any]:
         )
         bundle_seconds = time.perf_counter() - started
 
-        argv = ["--bundle", str(folder), "--device", str(suite.device), "--out", str(arguments.out)]
-        argv += ["--label", "gpu-suite"]
-        if arguments.tiny:
-            argv += ["--batch-size", "2", "--start-timestep", str(TINY_START_TIMESTEP), "--threads", "1"]
-        else:
-            argv += ["--batch-size", str(arguments.patches), "--precision", "bfloat16"]
+        argv = stage_breakdown_argv(arguments, folder)
         breakdown_arguments = stage_breakdown.parse_arguments(argv)
         breakdown_arguments.argv = argv
         bundle, scorer = stage_breakdown.load_scorer(breakdown_arguments, folder)

@@ -7,6 +7,7 @@ independent references are.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -142,6 +143,26 @@ def test_gpu_suite_tiny(tmp_path: Path) -> None:
     assert "tiny models, code-path check only" in summary
     # At most 8 files come back from the GPU machine's output folder.
     assert len(list(tmp_path.iterdir())) <= 8
+
+
+def test_gpu_suite_full_size_arguments(tmp_path: Path) -> None:
+    # The GPU run's arguments for the other scripts, parsed here so an option typo fails on the CPU.
+    import gpu_suite
+    import stage_breakdown
+    import throughput
+
+    arguments = argparse.Namespace(tiny=False, device="cuda", patches=64, out=tmp_path)
+    parsed = throughput.parse_arguments(gpu_suite.throughput_argv(arguments))
+    assert parsed.full_sd15
+    assert parsed.dtype == "bfloat16"
+    assert parsed.patches == 64
+    assert parsed.baseline_patches == 16
+    assert parsed.out == tmp_path
+    parsed = stage_breakdown.parse_arguments(gpu_suite.stage_breakdown_argv(arguments, tmp_path))
+    assert parsed.batch_size == 64
+    assert parsed.precision == "bfloat16"
+    assert parsed.device == "cuda"
+    assert parsed.bundle == tmp_path
 
 
 def test_gpu_shell_scripts_parse() -> None:
