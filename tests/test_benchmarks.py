@@ -165,6 +165,37 @@ def test_gpu_suite_full_size_arguments(tmp_path: Path) -> None:
     assert parsed.bundle == tmp_path
 
 
+def test_full_size_bundle_configs() -> None:
+    # The GPU bundle's architectures, built without memory on the meta device. The parameter counts
+    # are Stable Diffusion 1.5's published ones (UNet 859.52 M, VAE 83.65 M, CLIP ViT-L/14 text 123.06 M).
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from napari_anopilad.method.bundle import LORA_TARGET_MODULES
+    from napari_anopilad.method.conch_model import build_conch, conch_image_size
+    from sd15_bundle import SD15_TEXT_CONFIG, SD15_VAE_CONFIG, conch_vit_b16_config
+    from throughput import SD15_UNET_CONFIG
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(parameter.numel() for parameter in module.parameters())
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    assert count(unet) == 859_520_964
+    assert count(vae) == 83_653_863
+    assert count(text_encoder) == 123_060_480
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    names = [name for name, _ in unet.named_modules()]
+    for target in LORA_TARGET_MODULES:
+        assert any(name.endswith(f".{target}") for name in names), target
+
+    conch = build_conch(conch_vit_b16_config(), device="meta")
+    assert conch_image_size(conch) == 448
+
+
 def test_gpu_shell_scripts_parse() -> None:
     for script in ("gpu_suite.sh", "fetch_gpu_wheels.sh"):
         completed = subprocess.run(["bash", "-n", str(BENCHMARKS / script)], capture_output=True, text=True)
