@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,7 @@ class AnalysisOutputs:
     demo: bool
     files: dict[str, Path]
     n_tissue_patches: int = 0
-    triage: dict[str, Any] | None = field(default=None)
+    triage: dict[str, Any] | None = None
 
 
 def run(args: argparse.Namespace) -> int:
