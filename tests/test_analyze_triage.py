@@ -224,8 +224,7 @@ def test_triage_without_reference_exits_2(
 
 
 def test_patch_table_extra_columns(tmp_path: Path) -> None:
-    from napari_anopilad.engine.outputs import write_patch_table
-    from napari_anopilad.io.tables import write_patches_csv
+    from napari_anopilad.io.tables import read_patches_csv, write_patches_csv
 
     record = {
         "x": 0,
@@ -244,13 +243,8 @@ def test_patch_table_extra_columns(tmp_path: Path) -> None:
         "z_eroded": 1.0,
     }
 
-    # Only the standard columns: the same bytes as io.tables writes.
-    write_patch_table(tmp_path / "plain.csv", [record])
-    write_patches_csv(tmp_path / "reference.csv", [record])
-    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
-
     # A further named score and a missing triage value follow the standard columns.
-    write_patch_table(tmp_path / "wide.csv", [{**record, "ssim": 0.5, "triage_knn_z": None}])
+    write_patches_csv(tmp_path / "wide.csv", [{**record, "ssim": 0.5, "triage_knn_z": None}])
     rows = _read_table(tmp_path / "wide.csv")
     with open(tmp_path / "wide.csv") as file:
         header = file.readline().strip().split(",")
@@ -259,3 +253,10 @@ def test_patch_table_extra_columns(tmp_path: Path) -> None:
     assert rows[0]["triage_knn_z"] == ""
     assert rows[0]["mse_latent"] == ""
     assert rows[0]["keywords"] == "a;b"
+
+    # The reader gives the further columns back as floats, NaN where empty.
+    (back,) = read_patches_csv(tmp_path / "wide.csv")
+    assert list(back)[-2:] == ["ssim", "triage_knn_z"]
+    assert back["ssim"] == 0.5
+    assert np.isnan(back["triage_knn_z"]) and np.isnan(back["mse_latent"])
+    assert back["keywords"] == ["a", "b"] and back["lpips"] == 0.25

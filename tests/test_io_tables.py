@@ -131,3 +131,18 @@ def test_reader_rejects_bad_files(tmp_path):
         read_patches_csv(bad)
     with pytest.raises(ValueError, match=r"missing\.csv"):
         read_patches_csv(tmp_path / "missing.csv")
+    twice = tmp_path / "twice.csv"
+    twice.write_text(",".join([*PATCH_COLUMNS, "mse", "mse"]) + "\n")
+    with pytest.raises(ValueError, match="names the columns mse more than once"):
+        read_patches_csv(twice)
+    path = write_patches_csv(tmp_path / "wide.csv", [{**_records()[0], "mse": 0.5}])
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1].rsplit(",", 1)[0] + ",high\n")
+    with pytest.raises(ValueError, match="line 2: invalid value"):
+        read_patches_csv(path)
+
+
+def test_writer_rejects_a_further_column_that_is_not_a_number(tmp_path):
+    with pytest.raises(ValueError, match="column 'mse' holds 'high'"):
+        write_patches_csv(tmp_path / "patches.csv", [{**_records()[0], "mse": "high"}])
+    assert not list(tmp_path.iterdir())

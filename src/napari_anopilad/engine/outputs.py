@@ -16,6 +16,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 ANOPILAD_SCORER = "anopilad"
+
+
+def method_of(bundle: Any) -> str:
+    """Return the scoring method of a loaded bundle (``"anopilad"`` or a comparison method's name)."""
+    return str(getattr(bundle, "method", ANOPILAD_SCORER))
+
+
 # Columns that patches.csv gains after the standard ones when a triage map is written.
 TRIAGE_COLUMNS = (
     "triage_knn_distance",
@@ -82,6 +89,7 @@ def write_outputs(
     """
     from napari_anopilad.io.heatmap_tiff import write_heatmap_tiff
     from napari_anopilad.io.regions import mask_to_polygons, region_z_max, write_regions_geojson
+    from napari_anopilad.io.tables import write_patches_csv
 
     files: dict[str, Path] = {}
     n_tissue = len(tissue_cells_of(grid, region_level0))
@@ -98,7 +106,7 @@ def write_outputs(
     label = {"demo": str(bool(bundle.demo)).lower(), "bundle_identity": bundle.identity}
 
     records = patch_records(grid, results, triage=triage)
-    files["patches.csv"] = write_patch_table(out / "patches.csv", records)
+    files["patches.csv"] = write_patches_csv(out / "patches.csv", records)
 
     files["heatmap.tif"] = write_heatmap_tiff(
         out / "heatmap.tif",
@@ -106,7 +114,7 @@ def write_outputs(
         patch_size_level0=grid.patch_size_level0,
         mpp=slide.mpp,
         metadata={
-            "scorer": ANOPILAD_SCORER,
+            "scorer": method_of(bundle),
             "demo": bool(bundle.demo),
             "z_source": results.z_source,
             "threshold": results.threshold,
@@ -241,38 +249,6 @@ def _triage_fields(triage: Any, index: int | None) -> dict[str, float | None]:
     }
 
 
-def write_patch_table(path: Path, records: list[dict[str, Any]]) -> Path:
-    """Write patches.csv: the standard columns, then any further score columns the records contain.
-
-    Records with only the standard columns give exactly the file of
-    :func:`napari_anopilad.io.tables.write_patches_csv`; further columns (named scores, triage) follow
-    in the order they first appear, as numbers or empty fields.
-    """
-    import csv
-
-    from napari_anopilad.io.atomic import atomic_output
-    from napari_anopilad.io.tables import PATCH_COLUMNS, write_patches_csv
-    from napari_anopilad.io.tables import _format_float as format_float
-    from napari_anopilad.io.tables import _format_row as format_row
-
-    extra: list[str] = []
-    for record in records:
-        extra.extend(name for name in record if name not in PATCH_COLUMNS and name not in extra)
-    if not extra:
-        return write_patches_csv(path, records)
-
-    # NOTE: io.tables.read_patches_csv reads only the standard header, so it rejects these wider tables.
-    rows = [
-        format_row(record, number) + [format_float(record.get(name)) for name in extra]
-        for number, record in enumerate(records)
-    ]
-    with atomic_output(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file, quoting=csv.QUOTE_MINIMAL)
-        writer.writerow([*PATCH_COLUMNS, *extra])
-        writer.writerows(rows)
-    return path
-
-
 def _thumbnail(slide: Any) -> tuple[NDArray[np.uint8], float]:
     thumbnail = slide.thumbnail()
     width_level0, height_level0 = slide.dimensions
@@ -364,7 +340,8 @@ def slide_summary(
 ) -> dict[str, Any]:
     """Build the content of slide.json.
 
-    The top-level slide scores are AnoPILaD's (``scorer`` is ``"anopilad"``). ``coverage`` gives how many of
+    The top-level slide scores are the bundle's method's (``scorer`` is ``"anopilad"`` or a comparison
+    method's name). ``coverage`` gives how many of
     the ``n_tissue_patches`` tissue patches they cover (all analysed patches when the count is not given).
     With a triage map, the ``triage`` block holds its slide scores, scorer, coverage and diffusion plan.
     """
@@ -372,7 +349,7 @@ def slide_summary(
     summary: dict[str, Any] = {
         "slide": str(slide.path) if hasattr(slide, "path") else None,
         "slide_identity": slide.identity,
-        "scorer": ANOPILAD_SCORER,
+        "scorer": method_of(bundle),
         "z_max": results.z_max,
         "z_99": results.z_99,
         "n_patches": results.n_patches,

@@ -4,6 +4,10 @@ Columns, in this order: the patch box ``x, y, width, height`` in level-0 pixels,
 ``row, col``, ``tissue_fraction``, the prompt's ``keywords`` and ``weights`` (semicolon-separated, best
 first), the ``prompt`` string, the scores ``lpips`` and ``mse_latent``, and the z-scores ``z`` and
 ``z_eroded``. Missing values (NaN or None) are written as empty fields.
+
+Further numeric columns may follow the standard ones: the named scores of a comparison method (``mse``,
+``l1``, ...) and the triage scores (``triage_knn_z``, ...). They are written in the order they first
+appear in the records and read back as floats.
 """
 
 from __future__ import annotations
@@ -91,6 +95,14 @@ def _format_row(record: Mapping[str, Any], row_number: int) -> list[str]:
     return fields
 
 
+def extra_columns(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Return the keys beyond `PATCH_COLUMNS` that the records hold, in the order they first appear."""
+    extra: list[str] = []
+    for record in records:
+        extra.extend(name for name in record if name not in PATCH_COLUMNS and name not in extra)
+    return extra
+
+
 def write_patches_csv(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
     """Write one row per patch to ``patches.csv``, atomically.
 
@@ -101,7 +113,8 @@ def write_patches_csv(path: str | Path, records: Iterable[Mapping[str, Any]]) ->
     records : iterable of mapping
         One mapping per patch with every key in `PATCH_COLUMNS`. ``keywords`` and ``weights`` may be
         sequences (joined with ``;``) or already-joined strings. Prompts may contain commas, quotes and
-        parentheses, because the csv module quotes such fields.
+        parentheses, because the csv module quotes such fields. Any further key is a numeric column
+        written after the standard ones; a record without it gets an empty field.
 
     Returns
     -------
@@ -109,10 +122,22 @@ def write_patches_csv(path: str | Path, records: Iterable[Mapping[str, Any]]) ->
         The written file.
     """
     path = Path(path)
-    rows = [_format_row(record, number) for number, record in enumerate(records)]
+    records = list(records)
+    extra = extra_columns(records)
+    rows = []
+    for number, record in enumerate(records):
+        fields = _format_row(record, number)
+        for name in extra:
+            try:
+                fields.append(_format_float(record.get(name)))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"Patch {number}: column {name!r} holds {record.get(name)!r}, which is not a number."
+                ) from error
+        rows.append(fields)
     with atomic_output(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file, quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(PATCH_COLUMNS)
+        writer.writerow([*PATCH_COLUMNS, *extra])
         writer.writerows(rows)
     return path
 
@@ -125,36 +150,44 @@ def read_patches_csv(path: str | Path) -> list[dict[str, Any]]:
     """Read ``patches.csv`` back into one dict per patch.
 
     Integer columns become ``int``, score columns ``float`` (NaN when empty), ``keywords`` a list of
-    str and ``weights`` a list of float.
+    str and ``weights`` a list of float. Columns after the standard ones (named scores, triage scores)
+    become ``float`` too.
 
     Raises
     ------
     ValueError
-        If the file is missing, its header differs from `PATCH_COLUMNS` or a value is invalid.
+        If the file is missing, its header does not start with `PATCH_COLUMNS`, names a column twice or
+        a value is invalid.
     """
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as file:
             reader = csv.reader(file)
             header = next(reader, None)
-            if header is None or tuple(header) != PATCH_COLUMNS:
+            if header is None or tuple(header[: len(PATCH_COLUMNS)]) != PATCH_COLUMNS:
                 raise ValueError(
-                    f"Patch table {path} has the header {header}; expected the columns {', '.join(PATCH_COLUMNS)}."
+                    f"Patch table {path} has the header {header}; expected it to start with the columns "
+                    f"{', '.join(PATCH_COLUMNS)}."
                 )
-            return [_parse_row(fields, path, line) for line, fields in enumerate(reader, start=2)]
+            extra = header[len(PATCH_COLUMNS) :]
+            repeated = sorted({name for name in extra if header.count(name) > 1})
+            if repeated:
+                raise ValueError(
+                    f"Patch table {path} names the columns {', '.join(repeated)} more than once."
+                )
+            return [_parse_row(fields, extra, path, line) for line, fields in enumerate(reader, start=2)]
     except OSError as error:
         raise ValueError(f"Failed to read patch table {path}: {error}.") from error
 
 
-def _parse_row(fields: Sequence[str], path: Path, line: int) -> dict[str, Any]:
-    if len(fields) != len(PATCH_COLUMNS):
-        raise ValueError(
-            f"Patch table {path}, line {line}: {len(fields)} fields, expected {len(PATCH_COLUMNS)}."
-        )
-    raw = dict(zip(PATCH_COLUMNS, fields))
+def _parse_row(fields: Sequence[str], extra: Sequence[str], path: Path, line: int) -> dict[str, Any]:
+    expected = len(PATCH_COLUMNS) + len(extra)
+    if len(fields) != expected:
+        raise ValueError(f"Patch table {path}, line {line}: {len(fields)} fields, expected {expected}.")
+    raw = dict(zip([*PATCH_COLUMNS, *extra], fields))
     try:
         record: dict[str, Any] = {column: int(raw[column]) for column in _INTEGER_COLUMNS}
-        record.update({column: _parse_float(raw[column]) for column in _FLOAT_COLUMNS})
+        record.update({column: _parse_float(raw[column]) for column in (*_FLOAT_COLUMNS, *extra)})
         record["keywords"] = raw["keywords"].split(LIST_SEPARATOR) if raw["keywords"] else []
         record["weights"] = (
             [float(weight) for weight in raw["weights"].split(LIST_SEPARATOR)] if raw["weights"] else []
@@ -162,4 +195,4 @@ def _parse_row(fields: Sequence[str], path: Path, line: int) -> dict[str, Any]:
     except ValueError as error:
         raise ValueError(f"Patch table {path}, line {line}: invalid value ({error}).") from error
     record["prompt"] = raw["prompt"]
-    return {column: record[column] for column in PATCH_COLUMNS}
+    return {column: record[column] for column in (*PATCH_COLUMNS, *extra)}
