@@ -13,6 +13,7 @@ import torch
 from napari_anopilad.engine.results import compute_slide_results
 from napari_anopilad.engine.session import AnalysisSession
 from napari_anopilad.engine.store import ResultStore, grid_description
+from napari_anopilad.io.tables import read_patches_csv
 from napari_anopilad.method import heatmap
 from napari_anopilad.method.baselines.autoencoders import AutoencoderConfig, build_network, default_settings
 from napari_anopilad.method.baselines.base import BaselineCalibration, save_baseline_bundle
@@ -113,3 +114,63 @@ def test_missing_weights_name_the_file(tmp_path: Path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(BundleError, match=r"model\.safetensors \(model\) not found"):
         load_any_bundle(folder)
+
+
+def test_cohort_tasks_run_a_memae_bundle_and_write_its_outputs(tmp_path: Path, cmu_slide_path: Path) -> None:
+    import json
+
+    from napari_anopilad.engine.cohort import (
+        CohortOptions,
+        CohortSlide,
+        finish_slide,
+        prepare_slide,
+        score_block,
+    )
+
+    options = CohortOptions(
+        bundle=_memae_bundle(tmp_path / "bundle"),
+        out=tmp_path / "out",
+        device="cpu",
+        max_patches=3,
+        block_size=2,
+    )
+    plan = prepare_slide(CohortSlide(path=cmu_slide_path, name="cmu"), options)
+    assert plan.status == "ok", plan.error
+    blocks = [score_block(plan, block, options) for block in plan.blocks]
+    assert [block.status for block in blocks] == ["ok", "ok"]
+    outcome = finish_slide(plan, blocks, options)
+    assert outcome.status == "ok", outcome.error
+    assert outcome.n_patches == 3 and outcome.z_source == "within-slide"
+
+    summary = json.loads((options.out / "cmu" / "slide.json").read_text())
+    assert summary["scorer"] == "memae"
+    assert summary["score"] == "mse"
+    assert summary["settings"]["method"] == "memae"
+    # The standard columns stay (AnoPILaD's scores empty), the method's own scores follow them.
+    rows = read_patches_csv(options.out / "cmu" / "patches.csv")
+    assert set(list(rows[0])[-2:]) == {"mse", "l1"}
+    assert all(np.isnan(row["lpips"]) and np.isfinite(row["mse"]) for row in rows)
+
+
+def test_analyze_command_runs_a_memae_bundle(tmp_path: Path, cmu_slide_path: Path, capsys: Any) -> None:
+    import json
+
+    from napari_anopilad.cli import main
+
+    bundle = _memae_bundle(tmp_path / "bundle")
+    region = ["0", "0", "1500", "1000"]
+    out = tmp_path / "out"
+    args = ["analyze", str(cmu_slide_path), "--bundle", str(bundle), "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--region", *region, "--score", "l1", "--batch-size", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "memae:" in printed
+    summary = json.loads((out / "slide.json").read_text())
+    assert summary["scorer"] == "memae" and summary["score"] == "l1"
+    assert summary["n_patches"] > 0
+
+    assert main([*args, "--start-timestep", "500"]) == 2
+    assert "--start-timestep does not apply to the memae method" in capsys.readouterr().err
+    assert main([*args, "--score", "lpips"]) == 2
+    assert "--score lpips is not a memae score: use one of mse, l1" in capsys.readouterr().err
+    assert main([*args, "--triage"]) == 2
+    assert "--triage needs an AnoPILaD bundle" in capsys.readouterr().err

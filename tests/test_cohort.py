@@ -41,7 +41,7 @@ FAST_SETTINGS = ("--steps", "10", "--start-timestep", "100", "--guidance-scale",
 # Batch size 1 makes each patch its own batch, so a kill between batches is visible in the store and
 # every patch's floating-point result is independent of how the patches were grouped.
 MAX_PATCHES = 2
-STORE_KEYS = ("lpips", "mse_latent", "keywords", "similarities", "weights", "prompts")
+STORE_KEYS = ("score_lpips", "score_mse_latent", "keywords", "similarities", "weights", "prompts")
 # Seconds a test waits at most for a cohort run.
 RUN_TIMEOUT_S = 900
 

@@ -149,7 +149,11 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="patches per device batch (default: 8)"
+        "--batch-size",
+        type=batch_size_argument,
+        default=8,
+        metavar="N",
+        help="patches per device batch, or auto to fit the GPU's free memory (default: 8)",
     )
     parser.add_argument(
         "--mpp",
@@ -184,7 +188,10 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         help="inference steps over the 1000 training timesteps (default: the bundle's, 100)",
     )
     parser.add_argument(
-        "--score", choices=("lpips", "mse_latent"), help="patch score (default: the bundle's, lpips)"
+        "--score",
+        metavar="NAME",
+        help="patch score: lpips or mse_latent for AnoPILaD, or one of a comparison method's scores "
+        "(docs/comparison-methods.md) (default: the bundle's)",
     )
     parser.add_argument(
         "--precision",
@@ -204,6 +211,19 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def batch_size_argument(text: str) -> int | str:
+    """Parse ``--batch-size``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: use a positive integer or auto")
+    return value
+
+
 @dataclass(frozen=True)
 class AnalysisOutputs:
     """Summary of one analysis: patch counts, slide scores and the files written."""
@@ -219,6 +239,7 @@ class AnalysisOutputs:
     files: dict[str, Path]
     n_tissue_patches: int = 0
     triage: dict[str, Any] | None = None
+    scorer: str = "anopilad"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,6 +275,31 @@ def _triage_settings(args: argparse.Namespace) -> TriageSettings | None:
         raise CommandError(f"--triage-budget or --triage-neighbours: {error}") from error
 
 
+# The command-line flag of each setting, for error messages.
+SETTING_FLAGS = {
+    "sampler": "--sampler",
+    "start_timestep": "--start-timestep",
+    "guidance_scale": "--guidance-scale",
+    "num_inference_steps": "--steps",
+    "score": "--score",
+    "precision": "--precision",
+    "unprompted": "--unprompted",
+}
+
+
+def _settings_for(bundle: Any, overrides: dict[str, Any]) -> Any:
+    """Return the bundle's settings with the overrides; a setting the method lacks names its flag."""
+    try:
+        return bundle.settings.with_overrides(**overrides)
+    except ValueError as error:
+        message = str(error)
+        for name, flag in SETTING_FLAGS.items():
+            message = message.replace(f"setting {name!r}", flag)
+            if message.startswith(f"{name} "):
+                message = flag + message[len(name) :]
+        raise CommandError(message) from error
+
+
 def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "sampler": args.sampler,
@@ -278,14 +324,15 @@ def print_summary(outputs: AnalysisOutputs) -> None:
             f"({triage['n_computed']} computed): Z_max {_number(triage['z_max'])}, "
             f"Z_99 {_number(triage['z_99'])}, z-scores from calibration."
         )
+    label = "AnoPILaD" if outputs.scorer == "anopilad" else outputs.scorer
     print(
-        f"AnoPILaD: {outputs.n_patches} / {n_tissue} tissue patches ({outputs.n_computed} computed, "
+        f"{label}: {outputs.n_patches} / {n_tissue} tissue patches ({outputs.n_computed} computed, "
         f"{outputs.n_reused} reused from the store): Z_max {_number(outputs.z_max)}, "
         f"Z_99 {_number(outputs.z_99)}, z-scores from {outputs.z_source}."
     )
     if outputs.n_patches < n_tissue:
         print(
-            f"The AnoPILaD slide scores cover {outputs.n_patches / n_tissue:.1%} of the tissue patches "
+            f"The {label} slide scores cover {outputs.n_patches / n_tissue:.1%} of the tissue patches "
             "(the triage budget), so they can miss anomalies outside it."
         )
     print(f"Outputs in {outputs.out}:")
@@ -347,7 +394,7 @@ def analyze(
     region_level0: tuple[int, int, int, int] | None = None,
     threshold: float = 0.0,
     device: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     mpp: float | None = None,
     save_reconstructions: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -372,12 +419,11 @@ def analyze(
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
     from napari_anopilad.engine.session import AnalysisSession
     from napari_anopilad.engine.store import ResultStore, grid_description
-    from napari_anopilad.method.bundle import load_bundle
-    from napari_anopilad.method.scorer import AnoPILaDScorer
+    from napari_anopilad.method.scorers import ANOPILAD, load_any_bundle, make_scorer, method_of, score_names
     from napari_anopilad.slide import build_patch_grid, compute_tissue_mask, open_slide
 
-    if batch_size < 1:
-        raise CommandError(f"--batch-size {batch_size} is invalid: use 1 or more")
+    if batch_size != "auto" and (isinstance(batch_size, str) or batch_size < 1):
+        raise CommandError(f"--batch-size {batch_size} is invalid: use 1 or more, or auto")
     if not np.isfinite(threshold):
         raise CommandError(f"--threshold {threshold} is invalid: give a finite z-score, for example 0")
     if mpp is not None and not mpp > 0:
@@ -391,8 +437,17 @@ def analyze(
         )
 
     torch_device = choose_device(device)
-    bundle = load_bundle(bundle_folder, allow_download=allow_download)
-    settings = bundle.settings.with_overrides(**(overrides or {}))
+    bundle = load_any_bundle(bundle_folder, allow_download=allow_download)
+    method = method_of(bundle)
+    settings = _settings_for(bundle, overrides or {})
+    if settings.score not in score_names(bundle):
+        raise CommandError(
+            f"--score {settings.score} is not a {method} score: use one of {', '.join(score_names(bundle))}"
+        )
+    if triage is not None and method != ANOPILAD:
+        raise CommandError(
+            f"--triage needs an AnoPILaD bundle with a triage reference; {bundle_folder} is a {method} bundle"
+        )
     check_precision(torch_device, settings.precision)
 
     out = Path(out)
@@ -443,7 +498,7 @@ def analyze(
         if n_reused < len(target):
             # Loading the models takes a while, so it happens only when some patch needs them.
             logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
-            scorer = AnoPILaDScorer(bundle, str(torch_device), settings)
+            scorer = make_scorer(bundle, str(torch_device), settings)
             session = AnalysisSession(
                 slide,
                 grid,
@@ -484,6 +539,7 @@ def analyze(
         files=files,
         n_tissue_patches=len(cells),
         triage=triage_summary,
+        scorer=method,
     )
 
 

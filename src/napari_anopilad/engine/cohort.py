@@ -72,8 +72,8 @@ class CohortOptions:
         which is where ``anopilad analyze --out out/name`` keeps its store.
     device : str
         Device request each worker resolves with ``choose_device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
-    batch_size : int
-        Patches per device batch.
+    batch_size : int or "auto"
+        Patches per device batch; ``"auto"`` fits it to each worker's free device memory.
     block_size : int
         Patches per task; a slide with more remaining patches is split into several tasks.
     threshold : float
@@ -94,7 +94,7 @@ class CohortOptions:
     out: Path
     store_root: Path | None = None
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int | str = 8
     block_size: int = 256
     threshold: float = 0.0
     mpp: float | None = None
@@ -104,8 +104,8 @@ class CohortOptions:
     save_reconstructions: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch size {self.batch_size} is invalid: use 1 or more")
+        if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
+            raise ValueError(f"batch size {self.batch_size} is invalid: use 1 or more, or auto")
         if self.block_size < 1:
             raise ValueError(f"block size {self.block_size} is invalid: use 1 or more")
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
