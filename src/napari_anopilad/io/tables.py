@@ -96,7 +96,7 @@ def _format_row(record: Mapping[str, Any], row_number: int) -> list[str]:
 
 
 def extra_columns(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Return the keys beyond `PATCH_COLUMNS` that the records hold, in the order they first appear."""
+    """Return the keys beyond `PATCH_COLUMNS` that the records contain, in the order they first appear."""
     extra: list[str] = []
     for record in records:
         extra.extend(name for name in record if name not in PATCH_COLUMNS and name not in extra)
@@ -132,7 +132,7 @@ def write_patches_csv(path: str | Path, records: Iterable[Mapping[str, Any]]) ->
                 fields.append(_format_float(record.get(name)))
             except (TypeError, ValueError) as error:
                 raise ValueError(
-                    f"Patch {number}: column {name!r} holds {record.get(name)!r}, which is not a number."
+                    f"Patch {number}: invalid value {record.get(name)!r} in column {name!r}; give a number or None."
                 ) from error
         rows.append(fields)
     with atomic_output(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as file:
