@@ -248,3 +248,87 @@ def test_evaluate_command_triage_rows(tmp_path: Path, data_dir: Path, demo_bundl
     before = (report / "scores" / f"{name}.triage.csv").read_text()
     assert main(arguments) == 0
     assert (report / "scores" / f"{name}.triage.csv").read_text() == before
+
+
+def test_evaluate_memae_beside_anopilad(tmp_path: Path, data_dir: Path, demo_bundle_dir: Path) -> None:
+    import torch
+
+    from napari_anopilad.method.baselines.autoencoders import (
+        AutoencoderConfig,
+        build_network,
+        default_settings,
+    )
+    from napari_anopilad.method.baselines.base import BaselineCalibration, save_baseline_bundle
+    from napari_anopilad.method.scorers import load_any_bundle, make_scorer
+    from napari_anopilad.training.evaluate import main
+    from napari_anopilad.training.manifest import load_patches
+
+    config = AutoencoderConfig(channels=(4, 8), latent_channels=8, memory_items=6)
+    torch.manual_seed(0)
+    calibration = BaselineCalibration(
+        {"mse": 0.02, "l1": 0.1}, {"mse": 0.01, "l1": 0.05}, 10, default_settings("memae")
+    )
+    memae = save_baseline_bundle(
+        tmp_path / "memae-run",
+        "memae",
+        config.to_dict(),
+        {"model": build_network("memae", config).state_dict()},
+        default_settings("memae"),
+        calibration=calibration,
+        demo=True,
+    )
+    extraction = _extraction(tmp_path / "extracted", data_dir)
+    report = tmp_path / "report"
+    common = ["--report", str(report), "--bootstrap", "10", "--batch-size", "4"]
+
+    # A score that one of the bundles lacks stops before any patch is scored.
+    with pytest.raises(SystemExit, match="--score lpips is not a score of the memae bundle"):
+        main(
+            [
+                str(extraction),
+                "--bundle",
+                str(demo_bundle_dir),
+                "--bundle",
+                str(memae),
+                "--score",
+                "lpips",
+                *common,
+            ]
+        )
+    assert not (report / "scores").exists()
+
+    # With --triage the AnoPILaD bundle gives its three rows and the MemAE bundle its one.
+    arguments = [
+        str(extraction),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--bundle",
+        str(memae),
+        "--triage",
+        *common,
+    ]
+    assert main(arguments) == 0
+    name = demo_bundle_dir.name
+    results = pd.read_csv(report / "results.csv", keep_default_na=False)
+    assert list(results["Method"]) == [
+        f"{name} triage (knn_distance) (demo)",
+        f"{name} (demo)",
+        f"{name} triage-guided (0.1 budget) (demo)",
+        "memae-run (memae, mse) (demo)",
+    ]
+
+    # The MemAE scores are the scorer's own on the same patches, and the patch AUC is scikit-learn's on
+    # the calibrated z-scores of normal patches of normal slides against tumour patches.
+    scores = pd.read_csv(report / "scores" / "memae-run.csv", keep_default_na=False)
+    scorer = make_scorer(load_any_bundle(memae), "cpu")
+    keys = [
+        ("identity-" + slide, int(row), int(col))
+        for slide, row, col in scores[["slide", "row", "col"]].itertuples(index=False)
+    ]
+    direct = scorer.score(load_patches(extraction, scores["path"]), keys)
+    np.testing.assert_allclose(scores["mse"], direct.values("mse"), rtol=1e-5)
+    np.testing.assert_allclose(scores["l1"], direct.values("l1"), rtol=1e-5)
+    used = scores[(scores["label"] == "tumour") | (scores["slide"] == "slide-n")]
+    z = (used["mse"] - 0.02) / 0.01
+    expected_auc = roc_auc_score(used["label"] == "tumour", z)
+    assert float(str(results.iloc[3]["Patch AUC"]).split(" ")[0]) == pytest.approx(expected_auc, abs=5e-4)

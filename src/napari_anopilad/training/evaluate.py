@@ -11,7 +11,8 @@ Undefined values (one class only, no negative cells) are reported as ``n/a`` wit
 out of averages. Patch scores are cached per bundle in ``scores/<bundle>.csv``, so a rerun resumes.
 
 Several score sets go side by side in one table, one row each (:class:`EvaluationRun`,
-:func:`evaluate_runs`). With ``--triage``, each bundle gives three rows: the CONCH triage score alone,
+:func:`evaluate_runs`). ``--bundle`` takes AnoPILaD bundles and the comparison methods' bundles alike, so
+the table compares methods as the AnoPILaD paper's table does. With ``--triage``, each bundle gives three rows: the CONCH triage score alone,
 AnoPILaD on every patch, and triage-guided AnoPILaD, which keeps AnoPILaD's scores only on each slide's
 triage budget (the top fraction by triage z-score plus their grid neighbours), as ``anopilad analyze
 --triage`` computes them. Its metrics cover only those patches, and the table's Coverage column says
@@ -382,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", required=True, type=Path, help="report folder")
     parser.add_argument("--splits", nargs="+", default=list(EVALUATION_SPLITS), help="splits to evaluate on")
     parser.add_argument(
-        "--score", choices=("lpips", "mse_latent"), default=None, help="score (bundle's by default)"
+        "--score",
+        default=None,
+        metavar="NAME",
+        help="score of every bundle, e.g. lpips or mse_latent for AnoPILaD, mse or l1 for AE "
+        "(default: each bundle's own)",
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over slides")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -420,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate bundles from command-line arguments; return the exit status."""
     from tqdm.auto import tqdm
 
-    from napari_anopilad.method.bundle import load_bundle
-    from napari_anopilad.method.scorer import AnoPILaDScorer
+    from napari_anopilad.method.errors import BundleError
+    from napari_anopilad.method.scorers import ANOPILAD, load_any_bundle, make_scorer, method_of, score_names
     from napari_anopilad.training.report import write_report
     from napari_anopilad.training.scoring import score_rows
 
@@ -433,14 +438,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"error: no patches in the splits {args.splits}: check the split file of the extraction"
         )
+
+    # Every bundle loads, and takes --score, before any patch is scored.
+    names = _unique_names(args.bundle)
+    bundles = []
+    for bundle_folder in args.bundle:
+        try:
+            bundle = load_any_bundle(bundle_folder)
+        except BundleError as error:
+            raise SystemExit(f"error: --bundle {bundle_folder}: {error}") from error
+        if args.score is not None and args.score not in score_names(bundle):
+            raise SystemExit(
+                f"error: --score {args.score} is not a score of the {method_of(bundle)} bundle {bundle_folder}: "
+                f"its scores are {', '.join(score_names(bundle))}. Leave out --score to use each bundle's own."
+            )
+        bundles.append(bundle)
     (args.report / "scores").mkdir(parents=True, exist_ok=True)
 
     runs: list[EvaluationRun] = []
-    names = _unique_names(args.bundle)
-    for bundle_folder, name in zip(args.bundle, names):
-        bundle = load_bundle(bundle_folder, device=args.device)
+    for bundle, name in zip(bundles, names):
+        method = method_of(bundle)
         score_name = args.score or bundle.settings.score
-        scorer = AnoPILaDScorer(bundle, args.device)
+        scorer = make_scorer(bundle, args.device)
         scores_path = args.report / "scores" / f"{name}.csv"
         key_path = scores_path.with_suffix(".key")
         key = f"{bundle.identity} {bundle.settings.score_key()}"
@@ -451,11 +470,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores = score_rows(scorer, args.patches, rows, scores_path, args.batch_size, progress)
         calibration = scorer.calibration
         stats = None if calibration is None else (calibration.mean[score_name], calibration.std[score_name])
-        anopilad_run = EvaluationRun(name, scores, score_name, stats, bundle.demo, scorer="anopilad")
+        label = name if method == ANOPILAD else f"{name} ({method}, {score_name})"
+        run = EvaluationRun(label, scores, score_name, stats, bundle.demo, scorer=method)
         if not args.triage:
-            runs.append(anopilad_run)
-            continue
-        runs.extend(_triage_runs(args, bundle, name, rows, anopilad_run))
+            runs.append(run)
+        elif method != ANOPILAD:
+            print(
+                f"{name} is a {method} bundle: no triage rows, which need an AnoPILaD bundle's triage reference"
+            )
+            runs.append(run)
+        else:
+            runs.extend(_triage_runs(args, bundle, name, rows, run))
 
     evaluations = evaluate_runs(runs, slides, n_bootstrap=args.bootstrap, seed=args.seed)
     annotations = _read_slide_annotations(slides)
