@@ -174,3 +174,26 @@ def test_analyze_command_runs_a_memae_bundle(tmp_path: Path, cmu_slide_path: Pat
     assert "--score lpips is not a memae score: use one of mse, l1" in capsys.readouterr().err
     assert main([*args, "--triage"]) == 2
     assert "--triage needs an AnoPILaD bundle" in capsys.readouterr().err
+
+
+def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_path: Path, capsys: Any) -> None:
+    from napari_anopilad.cli import main
+    from napari_anopilad.engine.cohort import CohortOptions, describe_bundle
+
+    bundle = _memae_bundle(tmp_path / "bundle")
+    args = ["analyze-cohort", str(cmu_slide_path), "--bundle", str(bundle), "--out", str(tmp_path / "out")]
+
+    # AnoPILaD's own flags stop the command before any cluster starts, named as flags.
+    assert main([*args, "--start-timestep", "300", "--sampler", "plms"]) == 2
+    error = capsys.readouterr().err
+    assert "--sampler, --start-timestep: AnoPILaD settings" in error
+    assert "memae bundle" in error
+    assert not (tmp_path / "out").exists()
+
+    # A score the method lacks fails the bundle check that runs once before the slides.
+    options = CohortOptions(bundle=bundle, out=tmp_path / "out", overrides={"score": "lpips"})
+    with pytest.raises(ValueError, match="score 'lpips' is not a memae score: use one of mse, l1"):
+        describe_bundle(options)
+    described = describe_bundle(CohortOptions(bundle=bundle, out=tmp_path / "out", overrides={"score": "l1"}))
+    assert described["settings"]["score"] == "l1"
+    assert described["settings"]["method"] == "memae"

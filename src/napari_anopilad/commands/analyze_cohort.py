@@ -134,6 +134,9 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
             "(anopilad make-demo-bundle DIR makes a demo one)"
         )
 
+    if args.scheduler is None:
+        _check_method_settings(args.bundle, _setting_overrides(args))
+
     absolute = [path.expanduser().absolute() for path in paths]
     slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
     options = CohortOptions(
@@ -151,6 +154,27 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         save_reconstructions=args.save_reconstructions,
     )
     return slides, options
+
+
+def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any]) -> None:
+    """Reject AnoPILaD's own setting flags for a comparison method's bundle, naming the flags."""
+    from napari_anopilad.commands.analyze import SETTING_FLAGS
+    from napari_anopilad.method.baselines.base import bundle_method
+    from napari_anopilad.method.errors import BundleError
+    from napari_anopilad.method.scorers import ANOPILAD
+
+    try:
+        method = bundle_method(bundle_folder)
+    except BundleError as error:
+        raise CommandError(str(error)) from error
+    if method == ANOPILAD:
+        return
+    flags = [SETTING_FLAGS[name] for name in overrides if name != "score" and name in SETTING_FLAGS]
+    if flags:
+        raise CommandError(
+            f"{', '.join(flags)}: AnoPILaD settings, which do not apply to the {method} bundle {bundle_folder}; "
+            "leave them out"
+        )
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, Any]:

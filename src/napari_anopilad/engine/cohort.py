@@ -237,7 +237,7 @@ def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
     The cache keeps one model per process, so a worker that meets another bundle frees the previous
     one's device memory instead of holding both.
     """
-    from napari_anopilad.method.scorers import load_any_bundle, make_scorer
+    from napari_anopilad.method.scorers import load_any_bundle, make_scorer, method_of, score_names
 
     key = _model_key(options)
     with _cache_lock:
@@ -245,7 +245,13 @@ def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
         if model is None:
             _cache.clear()
             bundle = load_any_bundle(options.bundle)
-            model = _LoadedModel(bundle=bundle, settings=bundle.settings.with_overrides(**options.overrides))
+            settings = bundle.settings.with_overrides(**options.overrides)
+            if settings.score not in score_names(bundle):
+                raise ValueError(
+                    f"score {settings.score!r} is not a {method_of(bundle)} score: "
+                    f"use one of {', '.join(score_names(bundle))}"
+                )
+            model = _LoadedModel(bundle=bundle, settings=settings)
             _cache[key] = model
             logger.info("Loaded the bundle %s (identity %s)", options.bundle, bundle.identity)
         if with_scorer and model.scorer is None:
