@@ -78,6 +78,61 @@ def test_pass_matches_scorer(opened, tmp_path: Path) -> None:
     assert {tuple(cell) for cell in stored.cells().tolist()} == {tuple(cell) for cell in cells.tolist()}
 
 
+class MemoryLimitedTriageScorer:
+    """The real triage scorer behind a patch limit that raises torch's out-of-memory error above it."""
+
+    def __init__(self, scorer: TriageScorer, max_patches: int) -> None:
+        self.scorer = scorer
+        self.max_patches = max_patches
+        self.device = scorer.device
+        self.batch_sizes: list[int] = []
+
+    def score(self, images_uint8: np.ndarray):
+        import torch
+
+        self.batch_sizes.append(len(images_uint8))
+        if len(images_uint8) > self.max_patches:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 1.00 GiB for {len(images_uint8)}"
+            )
+        return self.scorer.score(images_uint8)
+
+    def __getattr__(self, name: str):
+        return getattr(self.scorer, name)
+
+
+def test_pass_halves_batch_after_out_of_memory(opened, tmp_path: Path, caplog) -> None:
+    from napari_anopilad.engine.session import OutOfMemoryAtBatchSizeOne
+    from napari_anopilad.slide import read_patches
+
+    slide, grid, _, scorer, cells = opened
+    store = _store(tmp_path, opened)
+    limited = MemoryLimitedTriageScorer(scorer, max_patches=2)
+    triage_pass = TriagePass(slide, grid, limited, store, cells=cells, batch_size=5)
+
+    batches = list(triage_pass.run())
+
+    # 5 fails and goes on as 2 + 2 + 1; the second read batch of 3 is split at the new size, 2 + 1.
+    assert limited.batch_sizes == [5, 2, 2, 1, 2, 1]
+    assert [len(batch.cells) for batch in batches] == [2, 2, 1, 2, 1]
+    assert triage_pass.batch_size == 2
+    assert batches[-1].n_done == len(cells)
+    assert any(
+        "ran out of memory on a triage batch of 5 patches" in record.message for record in caplog.records
+    )
+    stored = store.load()
+    assert len(stored) == len(cells)
+    expected = scorer.score(read_patches(slide, grid, stored.cells()))
+    np.testing.assert_allclose(stored.knn_distance, expected.knn_distance, rtol=1e-5, atol=1e-7)
+
+    # Out of memory on a single patch cannot be helped by halving.
+    single = TriagePass(
+        slide, grid, MemoryLimitedTriageScorer(scorer, 0), _store(tmp_path / "b", opened), cells=cells
+    )
+    with pytest.raises(OutOfMemoryAtBatchSizeOne, match="single patch"):
+        list(single.run())
+
+
 def test_pass_resumes_after_cancel(opened, tmp_path: Path) -> None:
     slide, grid, _, scorer, cells = opened
     store = _store(tmp_path, opened)

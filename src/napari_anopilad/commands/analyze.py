@@ -243,21 +243,29 @@ class AnalysisOutputs:
 
 
 def run(args: argparse.Namespace) -> int:
-    outputs = analyze(
-        slide_path=args.slide,
-        bundle_folder=args.bundle,
-        out=args.out,
-        region_level0=tuple(args.region) if args.region else None,
-        threshold=args.threshold,
-        device=args.device,
-        batch_size=args.batch_size,
-        mpp=args.mpp,
-        save_reconstructions=args.save_reconstructions,
-        overrides=_setting_overrides(args),
-        store_root=args.store,
-        allow_download=args.allow_download,
-        triage=_triage_settings(args),
-    )
+    from napari_anopilad.engine.session import OutOfMemoryAtBatchSizeOne
+
+    try:
+        outputs = analyze(
+            slide_path=args.slide,
+            bundle_folder=args.bundle,
+            out=args.out,
+            region_level0=tuple(args.region) if args.region else None,
+            threshold=args.threshold,
+            device=args.device,
+            batch_size=args.batch_size,
+            mpp=args.mpp,
+            save_reconstructions=args.save_reconstructions,
+            overrides=_setting_overrides(args),
+            store_root=args.store,
+            allow_download=args.allow_download,
+            triage=_triage_settings(args),
+        )
+    except OutOfMemoryAtBatchSizeOne as error:
+        # The finished batches are in the result store, so the same command resumes after the fix.
+        raise CommandError(
+            f"{error}; the finished batches are kept, so rerun the same command after"
+        ) from error
     print_summary(outputs)
     return 0
 

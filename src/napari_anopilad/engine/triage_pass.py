@@ -483,24 +483,71 @@ class TriagePass:
                 else:
                     images = self._read(cells)
 
-                scores = self.scorer.score(images)
-                self.store.write_batch(cells, scores)
+                for part_cells, scores in self._score_in_parts(cells, images):
+                    self.store.write_batch(part_cells, scores)
 
-                n_done += len(cells)
-                n_computed += len(cells)
-                elapsed = time.perf_counter() - start
-                yield TriageBatch(
-                    cells=np.asarray(cells, dtype=np.int64).reshape(-1, 2),
-                    scores=scores,
-                    n_done=n_done,
-                    n_total=self.n_total,
-                    n_reused=self.n_reused,
-                    elapsed_s=elapsed,
-                    patches_per_s=n_computed / elapsed if elapsed > 0 else 0.0,
-                )
+                    n_done += len(part_cells)
+                    n_computed += len(part_cells)
+                    elapsed = time.perf_counter() - start
+                    yield TriageBatch(
+                        cells=np.asarray(part_cells, dtype=np.int64).reshape(-1, 2),
+                        scores=scores,
+                        n_done=n_done,
+                        n_total=self.n_total,
+                        n_reused=self.n_reused,
+                        elapsed_s=elapsed,
+                        patches_per_s=n_computed / elapsed if elapsed > 0 else 0.0,
+                    )
         finally:
             if reader is not None:
                 reader.shutdown(wait=True, cancel_futures=True)
+
+    def _score_in_parts(
+        self, cells: list[tuple[int, int]], images: NDArray[np.uint8]
+    ) -> list[tuple[list[tuple[int, int]], Any]]:
+        """Score a read batch in chunks of the current batch size, which an out-of-memory error lowers."""
+        parts: list[tuple[list[tuple[int, int]], Any]] = []
+        step = self.batch_size
+        for offset in range(0, len(cells), step):
+            parts.extend(
+                self._score_with_retry(cells[offset : offset + step], images[offset : offset + step])
+            )
+        return parts
+
+    def _score_with_retry(
+        self, cells: list[tuple[int, int]], images: NDArray[np.uint8]
+    ) -> list[tuple[list[tuple[int, int]], Any]]:
+        """Score a batch; on an out-of-memory error halve the batch size and score the halves."""
+        from napari_anopilad.engine.device import is_out_of_memory, release_cached_memory
+        from napari_anopilad.engine.session import OutOfMemoryAtBatchSizeOne
+
+        try:
+            return [(cells, self.scorer.score(images))]
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            device = getattr(self.scorer, "device", None)
+            if device is not None:
+                release_cached_memory(device)
+            if len(cells) == 1:
+                raise OutOfMemoryAtBatchSizeOne(
+                    f"the device {device} ran out of memory embedding a single patch with CONCH: free the GPU "
+                    "of other processes or run on another device"
+                ) from error
+            half = max(1, len(cells) // 2)
+            self.batch_size = min(self.batch_size, half)
+            logger.warning(
+                "The device %s ran out of memory on a triage batch of %d patches; going on with batch size %d",
+                device,
+                len(cells),
+                half,
+            )
+        parts: list[tuple[list[tuple[int, int]], Any]] = []
+        for offset in range(0, len(cells), half):
+            parts.extend(
+                self._score_with_retry(cells[offset : offset + half], images[offset : offset + half])
+            )
+        return parts
 
     def _read(self, cells: list[tuple[int, int]]) -> NDArray[np.uint8]:
         from napari_anopilad.slide import read_patches
