@@ -19,6 +19,15 @@ from napari_anopilad.method.baselines.base import (
 )
 
 ANOPILAD = "anopilad"
+# Display name of each method in messages and the napari dock.
+METHOD_LABELS = {
+    ANOPILAD: "AnoPILaD",
+    "ae": "AE",
+    "memae": "MemAE",
+    "anoddpm": "AnoDDPM",
+    "vae-density": "VAE density",
+    "f-anogan": "f-AnoGAN",
+}
 
 
 def load_any_bundle(
@@ -36,6 +45,18 @@ def load_any_bundle(
 def method_of(bundle: Any) -> str:
     """Return the method name of a loaded bundle."""
     return bundle.method if isinstance(bundle, BaselineBundle) else ANOPILAD
+
+
+def method_label(method: str) -> str:
+    """Return the display name of a method (``"MemAE"`` for ``"memae"``), or ``method`` when it has none."""
+    return METHOD_LABELS.get(method, method)
+
+
+def reconstructs(bundle: Any) -> bool:
+    """Tell whether the bundle's scorer returns reconstructions (AnoPILaD's always does)."""
+    if isinstance(bundle, BaselineBundle):
+        return bool(scorer_class_for(bundle.method).reconstructs)
+    return True
 
 
 def score_names(bundle: Any) -> tuple[str, ...]:

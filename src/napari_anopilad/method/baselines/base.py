@@ -241,6 +241,8 @@ def bundle_method(folder: str | os.PathLike[str]) -> str:
         spec = json.loads(spec_path.read_text())
     except json.JSONDecodeError as error:
         raise BundleError(f"bundle: {spec_path} is not valid JSON ({error})") from error
+    if not isinstance(spec, dict):
+        raise BundleError(f"bundle: {spec_path} must contain a JSON object, not {type(spec).__name__}")
     method = spec.get("method", "anopilad")
     if not isinstance(method, str):
         raise BundleError(f"bundle: {spec_path} has the method {method!r}; it must be a string")
