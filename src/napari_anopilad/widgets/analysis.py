@@ -5,6 +5,10 @@ it yields one message when the slide's grid and stored results are ready, then e
 The GUI thread turns those into layer updates. Pans and zooms are debounced and re-queue the patches
 in view at the front.
 
+The bundle may be AnoPILaD's or a comparison method's (``bundle.json`` names it): the form then
+disables the AnoPILaD settings the method does not use, lists the method's scores and disables
+triage, which needs an AnoPILaD bundle.
+
 With "Triage first", the worker maps every tissue patch with the CONCH triage scorer before the
 diffusion. The triage map becomes its own layer, and the diffusion then scores the patches in view and
 the triage budget, highest triage score first.
@@ -49,7 +53,10 @@ from napari_anopilad.engine.triage_pass import (
     DEFAULT_TRIAGE_SCORE,
     TRIAGE_SCORE_NAMES,
 )
-from napari_anopilad.method.settings import SAMPLERS, InferenceSettings
+from napari_anopilad.method.baselines.base import BaselineSettings
+from napari_anopilad.method.errors import BundleError
+from napari_anopilad.method.scorers import ANOPILAD, method_label
+from napari_anopilad.method.settings import SAMPLERS, SCORES, InferenceSettings
 from napari_anopilad.widgets.layers import cells_in_box, show_triage_layer, viewer_camera, visible_box_level0
 from napari_anopilad.widgets.model import PatchAccumulator, SlideAnalysis, analyses_for, slide_metadata
 
@@ -89,7 +96,7 @@ class Prepared:
 
     slide: Any
     bundle: Any
-    settings: InferenceSettings
+    settings: InferenceSettings | BaselineSettings
     grid: Any
     store: Any
     stored: Any
@@ -180,23 +187,27 @@ class ModelCache:
         self._triage_scorers: dict[tuple[str, str], Any] = {}
 
     def bundle(self, folder: Path) -> Any:
-        from napari_anopilad.method.bundle import load_bundle
+        """Return the bundle in ``folder`` (AnoPILaD's or a comparison method's), loading it on first use."""
+        from napari_anopilad.method.scorers import load_any_bundle
 
         key = str(Path(folder).resolve())
         with self._lock:
             if key not in self._bundles:
-                self._bundles[key] = load_bundle(folder)
+                self._bundles[key] = load_any_bundle(folder)
             return self._bundles[key]
 
-    def scorer(self, folder: Path, bundle: Any, device: Any, settings: InferenceSettings) -> Any:
-        from napari_anopilad.method.scorer import AnoPILaDScorer
+    def scorer(
+        self, folder: Path, bundle: Any, device: Any, settings: InferenceSettings | BaselineSettings
+    ) -> Any:
+        """Return the bundle's scorer on ``device`` under ``settings``, building it on first use."""
+        from napari_anopilad.method.scorers import make_scorer
 
         key = (str(Path(folder).resolve()), str(device), settings.score_key())
         with self._lock:
             if key not in self._scorers:
                 # One model in memory at a time: a new setting or device replaces the old scorer.
                 self._scorers.clear()
-                self._scorers[key] = AnoPILaDScorer(bundle, str(device), settings)
+                self._scorers[key] = make_scorer(bundle, str(device), settings)
             return self._scorers[key]
 
     def triage_scorer(self, folder: Path, bundle: Any, device: Any) -> Any:
@@ -224,11 +235,18 @@ def analysis_worker(
     from napari_anopilad.engine.results import calibration_reference
     from napari_anopilad.engine.session import AnalysisSession
     from napari_anopilad.engine.store import ResultStore, grid_description
+    from napari_anopilad.method.scorers import method_of
     from napari_anopilad.slide import build_patch_grid
 
     # 1. The slide's grid, the bundle and what the store already holds: shown before any model runs.
     slide = opened_slide(request.slide_path)
     bundle = models.bundle(request.bundle_folder)
+    method = method_of(bundle)
+    if request.triage and method != ANOPILAD:
+        raise ValueError(
+            f"Triage first needs an AnoPILaD bundle with a triage reference, but {request.bundle_folder} "
+            f"is a {method_label(method)} bundle. Clear Triage first or choose an AnoPILaD bundle"
+        )
     settings = bundle.settings.with_overrides(**request.overrides)
     grid = build_patch_grid(slide)
     store = ResultStore(
@@ -361,10 +379,14 @@ class AnalysisWidget(QWidget):
         self._last_batch_time = 0.0
         self._bundle_worker: Any = None
         self.loaded_bundle: Any = None
+        # The method the form is set up for, and the AnoPILaD controls that method uses.
+        self.form_method = ANOPILAD
+        self.applicable_settings: set[str] = set()
         self.triage_layer: Any = None
         self.triage_ready: TriageReady | None = None
 
         self._build_form()
+        self.applicable_settings = set(self.setting_controls())
         self.requeue_timer = QTimer(self)
         self.requeue_timer.setSingleShot(True)
         self.requeue_timer.setInterval(REQUEUE_DELAY_MS)
@@ -411,6 +433,10 @@ class AnalysisWidget(QWidget):
         self.guidance_scale.setSingleStep(0.5)
         self.guidance_scale.setValue(defaults.guidance_scale)
         self.guidance_scale.setToolTip("Classifier-free guidance scale; 1 skips the unconditional pass")
+        self.score_choice = QComboBox()
+        self.score_choice.addItems(list(SCORES))
+        self.score_choice.setCurrentText(defaults.score)
+        self.score_choice.setToolTip("Patch score behind the z-scores, the heatmap and the slide scores")
         self.batch_size = QSpinBox()
         self.batch_size.setRange(1, 512)
         self.batch_size.setValue(DEFAULT_BATCH_SIZE)
@@ -427,9 +453,15 @@ class AnalysisWidget(QWidget):
         form.addRow("Start timestep", self.start_timestep)
         form.addRow("Sampler", self.sampler_choice)
         form.addRow("Guidance scale", self.guidance_scale)
+        form.addRow("Score", self.score_choice)
         form.addRow("Batch size", self.batch_size)
         form.addRow("", self.save_reconstructions)
         self._add_triage_rows(form)
+        # The tooltips of the controls that a comparison method may not use, restored for AnoPILaD.
+        self._anopilad_tooltips = {
+            control: control.toolTip()
+            for control in (*self.setting_controls().values(), self.save_reconstructions, self.triage_check)
+        }
 
         self.visible_button = QPushButton("Analyse visible region")
         self.whole_button = QPushButton("Analyse whole slide")
@@ -530,29 +562,123 @@ class AnalysisWidget(QWidget):
         self._on_bundle_folder_set()
 
     def _on_bundle_folder_set(self) -> None:
+        from napari_anopilad.method.baselines.base import bundle_method
+
         text = self.bundle_edit.text().strip()
         if not text:
             return
         folder = Path(text).expanduser()
+        # Reading only bundle.json reports a folder without a valid one at once, before any model code loads.
+        try:
+            bundle_method(folder)
+        except (BundleError, OSError) as error:
+            self._on_bundle_error(folder, error)
+            return
         import_model_code()
-        worker = thread_worker(self.models.bundle, start_thread=False)(folder)
+        # Errors go to _on_bundle_error only: ignore_errors stops the worker from raising them again in Qt.
+        worker = thread_worker(self.models.bundle, start_thread=False, ignore_errors=True)(folder)
         worker.returned.connect(self._apply_bundle_defaults)
-        worker.errored.connect(lambda error: show_error(f"Could not load the bundle {folder}: {error}"))
+        worker.errored.connect(lambda error: self._on_bundle_error(folder, error))
         self._bundle_worker = worker
         self.status_label.setText(f"Loading the bundle {folder}...")
         worker.start()
 
+    def _on_bundle_error(self, folder: Path, error: BaseException) -> None:
+        """Report a bundle that failed to load in the status line and a notification, and reset the form."""
+        if self._chosen_folder() != folder.resolve():
+            return
+        logger.warning("Could not load the bundle %s: %s", folder, error)
+        self.loaded_bundle = None
+        self.configure_form(None)
+        self.demo_label.setVisible(False)
+        message = f"Could not load the bundle {folder}: {error}"
+        self.status_label.setText(message)
+        show_error(message)
+
+    def _chosen_folder(self) -> Path | None:
+        text = self.bundle_edit.text().strip()
+        return Path(text).expanduser().resolve() if text else None
+
     def _apply_bundle_defaults(self, bundle: Any) -> None:
+        # A bundle that finished loading after another folder was chosen is not shown.
+        if self._chosen_folder() != Path(bundle.folder).resolve():
+            return
         self.loaded_bundle = bundle
-        settings: InferenceSettings = bundle.settings
-        self.start_timestep.setValue(settings.start_timestep)
-        self.sampler_choice.setCurrentText(settings.sampler)
-        self.guidance_scale.setValue(settings.guidance_scale)
-        self.demo_label.setVisible(bool(getattr(bundle, "demo", False)))
-        kind = "DEMO bundle" if getattr(bundle, "demo", False) else "Bundle"
-        self.status_label.setText(f"{kind} loaded: {self.bundle_edit.text()}")
+        self.configure_form(bundle)
+        demo = bool(getattr(bundle, "demo", False))
+        self.demo_label.setVisible(demo)
+        kind = "DEMO bundle" if demo else "Bundle"
+        self.status_label.setText(
+            f"{kind} loaded ({method_label(self.form_method)}): {self.bundle_edit.text()}"
+        )
         if self.slide_layer() is not None and self.worker is None:
             self.show_stored_results()
+
+    def setting_controls(self) -> dict[str, QWidget]:
+        """Return the form's AnoPILaD inference controls, by the setting each one overrides."""
+        return {
+            "start_timestep": self.start_timestep,
+            "sampler": self.sampler_choice,
+            "guidance_scale": self.guidance_scale,
+        }
+
+    def configure_form(self, bundle: Any) -> None:
+        """Set the form up for a loaded bundle, or for an AnoPILaD bundle when ``bundle`` is None.
+
+        A comparison method uses only the AnoPILaD controls whose setting is one of its options, such as
+        AnoDDPM's start timestep and sampler. The others are disabled and send no override. The score
+        list is the method's own, with the bundle's score selected.
+        """
+        from napari_anopilad.method.scorers import method_of, reconstructs, score_names
+
+        method = ANOPILAD if bundle is None else method_of(bundle)
+        label = method_label(method)
+        controls = self.setting_controls()
+        if bundle is None:
+            values: dict[str, Any] = {}
+            applicable = set(controls)
+        elif method == ANOPILAD:
+            values = bundle.settings.to_dict()
+            applicable = set(controls)
+        else:
+            values = dict(bundle.settings.options)
+            applicable = {name for name in controls if name in values}
+        self.form_method = method
+        self.applicable_settings = applicable
+
+        unused_tip = f"The {label} method does not use this setting"
+        for name, control in controls.items():
+            used = name in applicable
+            control.setEnabled(used)
+            control.setToolTip(self._anopilad_tooltips[control] if used else unused_tip)
+            if used and name in values:
+                _set_control_value(control, values[name])
+
+        scores = list(SCORES) if bundle is None else list(score_names(bundle))
+        self.score_choice.clear()
+        self.score_choice.addItems(scores)
+        self.score_choice.setCurrentText(scores[0] if bundle is None else bundle.settings.score)
+
+        can_reconstruct = bundle is None or reconstructs(bundle)
+        if not can_reconstruct:
+            self.save_reconstructions.setChecked(False)
+        self.save_reconstructions.setEnabled(can_reconstruct)
+        self.save_reconstructions.setToolTip(
+            self._anopilad_tooltips[self.save_reconstructions]
+            if can_reconstruct
+            else f"The {label} method scores patches without reconstructing them"
+        )
+
+        can_triage = method == ANOPILAD
+        if not can_triage:
+            # Unchecking also disables the triage budget, neighbour and score controls.
+            self.triage_check.setChecked(False)
+        self.triage_check.setEnabled(can_triage)
+        self.triage_check.setToolTip(
+            self._anopilad_tooltips[self.triage_check]
+            if can_triage
+            else f"Triage needs an AnoPILaD bundle with a triage reference, so the {label} method cannot use it"
+        )
 
     def _make_demo_bundle(self) -> None:
         from napari_anopilad.engine.store import default_store_root
@@ -575,12 +701,17 @@ class AnalysisWidget(QWidget):
         worker.start()
 
     def settings_overrides(self) -> dict[str, Any]:
-        """Return the form's inference settings that override the bundle's."""
-        return {
+        """Return the form's settings that override the bundle's: the score and the enabled controls only."""
+        values = {
             "start_timestep": int(self.start_timestep.value()),
             "sampler": self.sampler_choice.currentText(),
             "guidance_scale": float(self.guidance_scale.value()),
         }
+        overrides: dict[str, Any] = {
+            name: value for name, value in values.items() if name in self.applicable_settings
+        }
+        overrides["score"] = self.score_choice.currentText() or None
+        return overrides
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -597,6 +728,14 @@ class AnalysisWidget(QWidget):
         if not folder_text:
             show_error("Choose a model bundle folder, or make a demo bundle, before analysing.")
             return None
+        bundle_folder = Path(folder_text).expanduser()
+        loaded = self.loaded_bundle
+        if loaded is not None and Path(loaded.folder).resolve() == bundle_folder.resolve():
+            overrides = self.settings_overrides()
+        else:
+            # The form shows another bundle's settings, or none has loaded yet: run the bundle's own.
+            overrides = {}
+        save_reconstructions = self.save_reconstructions.isChecked() and self.save_reconstructions.isEnabled()
         metadata = slide_metadata(layer)
         assert metadata is not None
         box = None
@@ -606,16 +745,16 @@ class AnalysisWidget(QWidget):
             logger.warning("Could not compute the region in view: %s", error)
         return AnalysisRequest(
             slide_path=metadata["path"],
-            bundle_folder=Path(folder_text).expanduser(),
+            bundle_folder=bundle_folder,
             device=self.device_choice.currentText(),
-            overrides=self.settings_overrides(),
+            overrides=overrides,
             batch_size=int(self.batch_size.value()),
             whole_slide=whole_slide,
-            save_reconstructions=self.save_reconstructions.isChecked(),
+            save_reconstructions=save_reconstructions,
             visible_box_level0=box,
             store_root=default_store_root(),
             load_only=load_only,
-            triage=self.triage_check.isChecked(),
+            triage=self.triage_check.isChecked() and self.triage_check.isEnabled(),
             triage_score=self.triage_score.currentText(),
             triage_budget=float(self.triage_budget.value()),
             triage_neighbours=int(self.triage_neighbours.value()),
@@ -717,20 +856,30 @@ class AnalysisWidget(QWidget):
             "budget patches in triage order."
         )
 
+    def scoring_method(self) -> str:
+        """Return the display name of the method behind the current results (AnoPILaD before any run)."""
+        from napari_anopilad.method.scorers import method_of
+
+        prepared = self.prepared
+        return method_label(ANOPILAD if prepared is None else method_of(prepared.bundle))
+
     def coverage_text(self) -> str:
-        """Return the status line's coverage: AnoPILaD's and, after a triage pass, the triage map's."""
+        """Return the status line's coverage: the scoring method's and, after a triage pass, the triage map's."""
         prepared = self.prepared
         if prepared is None or self.accumulator is None:
             return ""
         n_tissue = len(prepared.grid.tissue_cells())
-        text = f"AnoPILaD covers {len(self.accumulator)} / {n_tissue} tissue patches"
+        text = f"{self.scoring_method()} covers {len(self.accumulator)} / {n_tissue} tissue patches"
         if self.triage_ready is not None:
             triage = self.triage_ready.results
             text += f", triage ({triage.scorer_name}) {triage.n_patches} / {n_tissue}"
         return text
 
     def _on_prepared(self, prepared: Prepared) -> None:
+        from napari_anopilad.method.scorers import method_of
+
         self.prepared = prepared
+        method = method_of(prepared.bundle)
         layer = self.slide_layer()
         analysis = self.analysis
         same = (
@@ -739,11 +888,12 @@ class AnalysisWidget(QWidget):
             and analysis.grid_shape == tuple(prepared.grid.shape)
             and analysis.store is not None
             and analysis.store.folder == prepared.store.folder
+            and analysis.method == method
         )
         if not same:
             if analysis is not None:
                 analysis.remove_layers()
-            analysis = SlideAnalysis(self.viewer, layer, prepared.slide, prepared.grid)
+            analysis = SlideAnalysis(self.viewer, layer, prepared.slide, prepared.grid, method=method)
             self.analysis = analysis
         assert analysis is not None
         analysis.store = prepared.store
@@ -755,17 +905,20 @@ class AnalysisWidget(QWidget):
         self.analyses.set_current(analysis)
         self._update_results()
         n_stored = len(self.accumulator)
-        self.status_label.setText(f"{n_stored} patches of {layer.name} were already in the result store.")
+        self.status_label.setText(
+            f"{n_stored} patches of {layer.name} scored by {method_label(method)} were already in the result store."
+        )
 
     def _on_started(self, started: Started) -> None:
         self.device_name = started.device_name
         if self.progress_bar is not None:
             self.progress_bar.close()
-        self.progress_bar = progress(total=started.n_total, desc="AnoPILaD patches")
+        self.progress_bar = progress(total=started.n_total, desc=f"{self.scoring_method()} patches")
         self.progress_bar.update(started.n_done)
         self._last_batch_time = time.perf_counter()
         self.status_label.setText(
-            f"Analysing {started.n_total - started.n_done} patches on {started.device_name}..."
+            f"Analysing {started.n_total - started.n_done} patches with {self.scoring_method()} "
+            f"on {started.device_name}..."
         )
 
     def _on_batch(self, result: Any) -> None:
@@ -812,7 +965,9 @@ class AnalysisWidget(QWidget):
             state = "Stopped" if stopped else "Finished"
             follow = " Pan or zoom to analyse more of the slide." if self.follow_view else ""
             coverage = f" {self.coverage_text()}." if self.triage_ready is not None else ""
-            self.status_label.setText(f"{state}: {done} patches of this slide analysed.{coverage}{follow}")
+            self.status_label.setText(
+                f"{state}: {done} patches of this slide analysed with {self.scoring_method()}.{coverage}{follow}"
+            )
 
     # -- the view --------------------------------------------------------------------------------
 
@@ -850,6 +1005,11 @@ class AnalysisWidget(QWidget):
     # -- on-demand reconstruction ----------------------------------------------------------------
 
     def _make_reconstructor(self, prepared: Prepared) -> Any:
+        """Return the inspector's single-patch reconstruction, or None when the method does not reconstruct."""
+        from napari_anopilad.method.scorers import reconstructs
+
+        if not reconstructs(prepared.bundle):
+            return None
         request = self.request
         assert request is not None
         models = self.models
@@ -866,12 +1026,14 @@ class AnalysisWidget(QWidget):
             scores = scorer.score(
                 patch[np.newaxis], noise_keys=[(slide_identity, row, col)], return_reconstructions=True
             )
+            if scores.reconstructions is None:
+                raise RuntimeError(f"the {type(scorer).__name__} scorer returned no reconstruction")
             image = np.asarray(scores.reconstructions[0], dtype=np.uint8)
+            # AnoPILaD's scores have "prompts"; a comparison method's have empty "prompt" entries.
             prompts = getattr(scores, "prompts", None)
             prepared.store.write_batch(
                 [(row, col)],
-                lpips=scores.lpips,
-                mse_latent=scores.mse_latent,
+                scores=scores.score_values(),
                 keywords=scores.keywords,
                 similarities=scores.similarities,
                 weights=scores.weights,
@@ -909,7 +1071,17 @@ def import_model_code() -> None:
     import napari_anopilad.method.bundle
     import napari_anopilad.method.demo
     import napari_anopilad.method.scorer
+    import napari_anopilad.method.scorers
     import napari_anopilad.method.triage  # noqa: F401
+
+
+def _set_control_value(control: QWidget, value: Any) -> None:
+    if isinstance(control, QComboBox):
+        control.setCurrentText(str(value))
+    elif isinstance(control, QSpinBox):
+        control.setValue(int(value))
+    elif isinstance(control, QDoubleSpinBox):
+        control.setValue(float(value))
 
 
 def _device_choices() -> list[str]:

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_anopilad.method.scorers import ANOPILAD, method_label
 from napari_anopilad.widgets.model import SlideAnalysis, analyses_for
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class InspectorWidget(QWidget):
             self.keyword_table.setItem(index, 1, QTableWidgetItem(f"{weight:.3f}"))
             self.keyword_table.setItem(index, 2, QTableWidgetItem(f"{similarity:.3f}"))
         self.keyword_table.resizeColumnsToContents()
-        self.prompt_label.setText(record["prompt"] or "(empty prompt)")
+        self.prompt_label.setText(record["prompt"] or self._empty_prompt_text())
         named = dict(record.get("scores", {}))
         self.lpips_label.setText(f"{named.pop('lpips'):.4f}" if "lpips" in named else "-")
         self.mse_label.setText(f"{named.pop('mse_latent'):.4f}" if "mse_latent" in named else "-")
@@ -320,6 +321,11 @@ class InspectorWidget(QWidget):
         )
         z, z_eroded = record["z"], record["z_eroded"]
         self.z_label.setText("n/a" if np.isnan(z) else f"{z:+.2f} ({z_eroded:+.2f})")
+
+    def _empty_prompt_text(self) -> str:
+        # Comparison methods reconstruct without any prompt; AnoPILaD's unprompted runs use the empty one.
+        method = self._analysis.method if self._analysis is not None else ANOPILAD
+        return "(empty prompt)" if method == ANOPILAD else f"no prompt: {method_label(method)}"
 
     def _start_reconstruction(self, row: int, col: int, original: NDArray[np.uint8]) -> None:
         analysis = self._analysis

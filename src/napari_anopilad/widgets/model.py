@@ -21,6 +21,7 @@ from napari_anopilad._reader import METADATA_KEY
 from napari_anopilad.engine.results import SlideResults
 from napari_anopilad.engine.store import StoredPatches
 from napari_anopilad.method import heatmap
+from napari_anopilad.method.scorers import ANOPILAD, method_label
 from napari_anopilad.widgets.layers import (
     HEATMAP_COLORMAP,
     HEATMAP_OPACITY,
@@ -93,6 +94,9 @@ class SlideAnalysis:
         The open slide behind the layer.
     grid : PatchGrid
         The patch grid analysed.
+    method : str
+        The scoring method (``"anopilad"`` or a comparison method's name), recorded in the layers'
+        metadata.
 
     Notes
     -----
@@ -105,8 +109,9 @@ class SlideAnalysis:
     threshold_changed = Signal(float)
     patch_selected = Signal(int, int)
 
-    def __init__(self, viewer: Any, slide_layer: Any, slide: Any, grid: Any) -> None:
+    def __init__(self, viewer: Any, slide_layer: Any, slide: Any, grid: Any, method: str = ANOPILAD) -> None:
         self.viewer = viewer
+        self.method = method
         self.slide_layer = slide_layer
         self.slide = slide
         self.grid = grid
@@ -153,7 +158,15 @@ class SlideAnalysis:
             opacity=HEATMAP_OPACITY,
             blending="translucent",
             interpolation2d="nearest",
-            metadata={METADATA_KEY: {"role": "z-score", "slide": self.name, "world_unit": "level-0 pixel"}},
+            metadata={
+                METADATA_KEY: {
+                    "role": "z-score",
+                    "slide": self.name,
+                    "method": self.method,
+                    "method_label": method_label(self.method),
+                    "world_unit": "level-0 pixel",
+                }
+            },
         )
 
     def _add_anomalies_layer(self) -> Any:
@@ -170,7 +183,15 @@ class SlideAnalysis:
             translate=translate,
             opacity=1.0,
             blending="translucent",
-            metadata={METADATA_KEY: {"role": "anomalies", "slide": self.name, "world_unit": "level-0 pixel"}},
+            metadata={
+                METADATA_KEY: {
+                    "role": "anomalies",
+                    "slide": self.name,
+                    "method": self.method,
+                    "method_label": method_label(self.method),
+                    "world_unit": "level-0 pixel",
+                }
+            },
         )
         layer.contour = 1
         layer.editable = False
