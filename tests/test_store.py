@@ -61,8 +61,24 @@ def test_store_manifest_written_first(tmp_path: Path) -> None:
     manifest = json.loads((store.folder / "manifest.json").read_text())
     assert manifest["slide_identity"] == SLIDE_ID
     assert manifest["bundle_identity"] == BUNDLE_ID
-    assert InferenceSettings.from_dict(manifest["settings"]) == settings
+    assert "score" not in manifest["settings"]
+    assert InferenceSettings.from_dict({**manifest["settings"], "score": settings.score}) == settings
     assert manifest["grid"] == {"patch_size_level0": 512}
+
+
+def test_store_shared_by_scores_not_by_settings(tmp_path: Path) -> None:
+    lpips_store = ResultStore(tmp_path, SLIDE_ID, BUNDLE_ID, InferenceSettings(score="lpips"))
+    lpips_store.write_batch(**_batch([(1, 1)]))
+
+    # Every batch holds both scores, so choosing the other one reuses the stored patches.
+    mse_store = ResultStore(tmp_path, SLIDE_ID, BUNDLE_ID, InferenceSettings(score="mse_latent"))
+    assert mse_store.folder == lpips_store.folder
+    assert mse_store.done_cells() == {(1, 1)}
+
+    # A setting that changes the scores gives another folder.
+    other = ResultStore(tmp_path, SLIDE_ID, BUNDLE_ID, InferenceSettings(start_timestep=500))
+    assert other.folder != lpips_store.folder
+    assert other.done_cells() == set()
 
 
 def test_store_last_batch_wins(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ Layout of one store folder (``<root>/<slide>_<bundle>_<settings>[_<grid>]/``)::
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over its
 final name, so a reader sees a batch whole or not at all. A process killed at any moment loses only
 the batch it had not finished writing. Changed settings, a changed bundle or a changed patch
-grid give a different folder, so stale scores are never reused.
+grid give a different folder, so stale scores are never reused. The chosen score (``settings.score``)
+is not part of the key: every batch holds all of the method's scores, so choosing another score reuses
+the folder.
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ def grid_description(grid: Any) -> dict[str, Any]:
 def _short_hash(value: Any, length: int = 12) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def stored_settings(settings: Any) -> dict[str, Any]:
+    """Return the settings that key a store: all but the chosen score, which the stored batches do not depend on."""
+    values = settings.to_dict()
+    values.pop("score", None)
+    return values
 
 
 def _folder_part(identity: str, length: int = 16) -> str:
@@ -196,7 +205,7 @@ class ResultStore:
     bundle_identity : str
         ``Bundle.identity``, a hash of the weights and the bundle's settings.
     settings : InferenceSettings or BaselineSettings
-        Scoring settings; their ``score_key()`` is part of the folder name.
+        Scoring settings; a hash of all but ``score`` (:func:`stored_settings`) is part of the folder name.
     grid : dict, optional
         ``grid_description(grid)`` of the patch grid, so that a different patch size or mpp never
         shares cells. Part of the folder name when given.
@@ -227,9 +236,8 @@ class ResultStore:
         self.grid = dict(grid) if grid is not None else None
         self._lock = threading.Lock()
 
-        name = (
-            f"{_folder_part(self.slide_identity)}_{_folder_part(self.bundle_identity)}_{settings.score_key()}"
-        )
+        key_settings = stored_settings(settings)
+        name = f"{_folder_part(self.slide_identity)}_{_folder_part(self.bundle_identity)}_{_short_hash(key_settings, 16)}"
         if self.grid is not None:
             name += f"_{_short_hash(self.grid, 8)}"
         self.folder = self.root / name
@@ -237,7 +245,7 @@ class ResultStore:
             "format_version": STORE_FORMAT_VERSION,
             "slide_identity": self.slide_identity,
             "bundle_identity": self.bundle_identity,
-            "settings": settings.to_dict(),
+            "settings": key_settings,
             "grid": self.grid,
         }
         self._open_folder()
