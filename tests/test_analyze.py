@@ -240,7 +240,7 @@ def test_analyze_rerun_reuses_store(
     )
     assert status == 0
     assert f"Reused {N_REGION} of {N_REGION} patches" in printed
-    assert f"0 computed, {N_REGION} reused" in printed
+    assert f"0 computed, {N_REGION} from the store" in printed
     assert (out / "patches.csv").read_text() == before
 
 
@@ -274,7 +274,7 @@ def test_analyze_changed_settings_skip_store(
     )
     assert status == 0
     assert "Reused" not in printed
-    assert f"{N_SMALL_REGION} computed, 0 reused" in printed
+    assert f"{N_SMALL_REGION} computed, 0 from the store" in printed
     new_folders = set((out / "store").iterdir()) - store_folders_before
     assert len(new_folders) == 1
     summary = json.loads((copy / "slide.json").read_text())

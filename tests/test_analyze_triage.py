@@ -43,8 +43,8 @@ def triaged(tmp_path_factory: pytest.TempPathFactory, cmu_slide_path: Path, demo
     import io
 
     out = tmp_path_factory.mktemp("triage") / "out"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         status = main(
             [
                 "analyze",
@@ -65,7 +65,13 @@ def triaged(tmp_path_factory: pytest.TempPathFactory, cmu_slide_path: Path, demo
             ]
         )
     assert status == 0
-    return {"out": out, "printed": printed.getvalue(), "slide": cmu_slide_path, "bundle": demo_bundle_dir}
+    return {
+        "out": out,
+        "printed": printed.getvalue(),
+        "errors": errors.getvalue(),
+        "slide": cmu_slide_path,
+        "bundle": demo_bundle_dir,
+    }
 
 
 def test_triage_writes_both_maps(triaged: dict) -> None:
@@ -131,8 +137,11 @@ def test_triage_summary_names_scorer_and_coverage(triaged: dict) -> None:
 
     printed = triaged["printed"]
     assert f"Triage (triage:knn_distance, k = 1): {N_REGION} / {N_REGION} tissue patches" in printed
-    assert f"AnoPILaD: 1 / {N_REGION} tissue patches (1 computed" in printed
+    assert f"AnoPILaD: 1 / {N_REGION} tissue patches (1 computed, 0 from the store)" in printed
     assert "cover 12.5% of the tissue patches" in printed
+    # Z-scores from the budget's own statistics get a warning, calibrated ones do not.
+    warned = "which triage chose as the most anomalous" in triaged["errors"]
+    assert warned == (summary["z_source"] == "within-slide")
 
 
 def test_triage_rerun_reuses_stores(triaged: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,8 +169,12 @@ def test_triage_rerun_reuses_stores(triaged: dict, capsys: pytest.CaptureFixture
     records = _read_table(out / "patches.csv")
 
     assert status == 0
-    assert f"{N_REGION} / {N_REGION} tissue patches (0 computed)" in printed
+    assert f"Triage (triage:keyword_distance): {N_REGION} / {N_REGION} tissue patches (0 computed)" in printed
     assert summary["triage"]["scorer"] == "triage:keyword_distance"
+    # The table's AnoPILaD patches are this run's budget plus the first run's patch, all counted.
+    n_scored = summary["coverage"]["n_patches"]
+    assert f"AnoPILaD: {n_scored} / {N_REGION} tissue patches" in printed
+    assert "from the store)" in printed
     top_two = sorted(records, key=lambda record: -_number(record["triage_keyword_z"]))[:2]
     scored = {(record["row"], record["col"]) for record in records if record["lpips"]}
     # The patch of the first run stays in the store and in the table next to this run's budget.
@@ -172,8 +185,12 @@ def test_triage_rerun_reuses_stores(triaged: dict, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--triage-budget", "1.5"], "triage budget 1.5 is invalid"),
-        (["--triage-neighbours", "-2"], "neighbour radius -2 is invalid"),
+        (["--triage", "--triage-budget", "1.5"], "--triage-budget: triage budget 1.5 is invalid"),
+        (["--triage", "--triage-neighbours", "-2"], "--triage-neighbours: neighbour radius -2 is invalid"),
+        (
+            ["--triage-budget", "0.5", "--triage-score", "keyword_distance"],
+            "--triage-budget, --triage-score apply only with --triage",
+        ),
     ],
 )
 def test_triage_invalid_options_exit_2(
@@ -191,11 +208,11 @@ def test_triage_invalid_options_exit_2(
         str(demo_bundle_dir),
         "--out",
         str(tmp_path / "out"),
-        "--triage",
         *extra,
     )
     assert status == 2
     assert expected in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_triage_without_reference_exits_2(

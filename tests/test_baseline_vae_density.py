@@ -456,3 +456,17 @@ def test_float32_convolutions_restores_flag():
     assert convolutions.fp32_precision == before
     with float32_convolutions(torch.device("cpu")):
         assert convolutions.fp32_precision == before
+
+
+def test_analyze_rejects_saving_reconstructions(run: Path, cmu_slide_path: Path, tmp_path: Path, capsys):
+    from napari_anopilad.cli import main
+
+    out = tmp_path / "out"
+    arguments = ["analyze", str(cmu_slide_path), "--bundle", str(run / "bundle"), "--out", str(out)]
+
+    # The density family makes no reconstructions, so the option stops the command before any scoring.
+    assert main([*arguments, "--device", "cpu", "--save-reconstructions"]) == 2
+    error = capsys.readouterr().err
+    assert "--save-reconstructions: the VAE density method" in error
+    assert "makes no reconstructions" in error
+    assert not (out / "store").exists()

@@ -163,7 +163,7 @@ def test_analyze_command_runs_a_memae_bundle(tmp_path: Path, cmu_slide_path: Pat
     args = ["analyze", str(cmu_slide_path), "--bundle", str(bundle), "--out", str(out), "--device", "cpu"]
     assert main([*args, "--region", *region, "--score", "l1", "--batch-size", "auto"]) == 0
     printed = capsys.readouterr().out
-    assert "memae:" in printed
+    assert "MemAE: " in printed
     summary = json.loads((out / "slide.json").read_text())
     assert summary["scorer"] == "memae" and summary["score"] == "l1"
     assert summary["n_patches"] > 0
@@ -190,7 +190,18 @@ def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_pat
     assert "memae bundle" in error
     assert not (tmp_path / "out").exists()
 
-    # A score the method lacks fails the bundle check that runs once before the slides.
+    # A score the method lacks stops the command before any cluster starts, too.
+    assert main([*args, "--score", "lpips"]) == 2
+    assert "--score lpips is not a memae score: use one of mse, l1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    # float32, the only precision the comparison methods run in, is accepted; a half precision is not.
+    settings = load_any_bundle(bundle).settings
+    assert settings.with_overrides(precision="float32") == settings
+    with pytest.raises(ValueError, match="'precision' does not apply to the memae method: it has no options"):
+        settings.with_overrides(precision="bfloat16")
+
+    # On a worker, the one-time bundle check rejects a score the method lacks as well.
     options = CohortOptions(bundle=bundle, out=tmp_path / "out", overrides={"score": "lpips"})
     with pytest.raises(ValueError, match="score 'lpips' is not a memae score: use one of mse, l1"):
         describe_bundle(options)

@@ -35,6 +35,7 @@ from napari_anopilad.engine.triage_pass import (
     DEFAULT_TRIAGE_SCORE,
     TRIAGE_SCORE_NAMES,
     TriageSettings,
+    check_budget,
 )
 
 __all__ = [
@@ -106,7 +107,7 @@ def add_triage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--triage-budget",
         type=float,
-        default=DEFAULT_BUDGET_FRACTION,
+        default=None,
         metavar="FRACTION",
         help="fraction of the tissue patches that AnoPILaD scores, highest triage score first; "
         f"1 scores all (default: {DEFAULT_BUDGET_FRACTION})",
@@ -114,7 +115,7 @@ def add_triage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--triage-neighbours",
         type=int,
-        default=DEFAULT_NEIGHBOUR_RADIUS,
+        default=None,
         metavar="N",
         help="also score the tissue patches within N grid cells of each budget patch; 0 for none "
         f"(default: {DEFAULT_NEIGHBOUR_RADIUS}, the 8 neighbours)",
@@ -122,7 +123,7 @@ def add_triage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--triage-score",
         choices=TRIAGE_SCORE_NAMES,
-        default=DEFAULT_TRIAGE_SCORE,
+        default=None,
         help=f"triage score that orders the patches and forms the triage map (default: {DEFAULT_TRIAGE_SCORE})",
     )
 
@@ -271,16 +272,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _triage_settings(args: argparse.Namespace) -> TriageSettings | None:
+    options = {
+        "--triage-budget": getattr(args, "triage_budget", None),
+        "--triage-neighbours": getattr(args, "triage_neighbours", None),
+        "--triage-score": getattr(args, "triage_score", None),
+    }
     if not getattr(args, "triage", False):
+        given = [flag for flag, value in options.items() if value is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} apply only with --triage: add --triage or leave them out")
         return None
+    budget = DEFAULT_BUDGET_FRACTION if args.triage_budget is None else args.triage_budget
+    neighbours = DEFAULT_NEIGHBOUR_RADIUS if args.triage_neighbours is None else args.triage_neighbours
     try:
-        return TriageSettings(
-            score=args.triage_score,
-            budget_fraction=args.triage_budget,
-            neighbour_radius=args.triage_neighbours,
-        )
+        check_budget(budget, neighbours)
     except ValueError as error:
-        raise CommandError(f"--triage-budget or --triage-neighbours: {error}") from error
+        flag = "--triage-budget" if "budget" in str(error) else "--triage-neighbours"
+        raise CommandError(f"{flag}: {error}") from error
+    return TriageSettings(
+        score=args.triage_score or DEFAULT_TRIAGE_SCORE,
+        budget_fraction=budget,
+        neighbour_radius=neighbours,
+    )
 
 
 # The command-line flag of each setting, for error messages.
@@ -322,27 +335,42 @@ def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary(outputs: AnalysisOutputs) -> None:
     """Print where the outputs are and the slide scores."""
+    from napari_anopilad.method.scorers import method_label
+
     if outputs.demo:
         print(f"WARNING: {DEMO_WARNING}.")
     n_tissue = outputs.n_tissue_patches or outputs.n_patches
     triage = outputs.triage
     if triage is not None:
+        # k is the number of neighbours of the kNN distance; the keyword distance has none.
+        k_text = f", k = {triage['k']}" if triage["scorer"].endswith("knn_distance") else ""
         print(
-            f"Triage ({triage['scorer']}, k = {triage['k']}): {triage['n_patches']} / {n_tissue} tissue patches "
+            f"Triage ({triage['scorer']}{k_text}): {triage['n_patches']} / {n_tissue} tissue patches "
             f"({triage['n_computed']} computed): Z_max {_number(triage['z_max'])}, "
             f"Z_99 {_number(triage['z_99'])}, z-scores from calibration."
         )
-    label = "AnoPILaD" if outputs.scorer == "anopilad" else outputs.scorer
-    print(
-        f"{label}: {outputs.n_patches} / {n_tissue} tissue patches ({outputs.n_computed} computed, "
-        f"{outputs.n_reused} reused from the store): Z_max {_number(outputs.z_max)}, "
-        f"Z_99 {_number(outputs.z_99)}, z-scores from {outputs.z_source}."
-    )
-    if outputs.n_patches < n_tissue:
+    label = method_label(outputs.scorer)
+    if outputs.n_patches == 0:
+        print(f"{label}: 0 / {n_tissue} tissue patches scored, because the triage budget is empty.")
+    else:
+        n_from_store = outputs.n_patches - outputs.n_computed
+        print(
+            f"{label}: {outputs.n_patches} / {n_tissue} tissue patches ({outputs.n_computed} computed, "
+            f"{n_from_store} from the store): Z_max {_number(outputs.z_max)}, "
+            f"Z_99 {_number(outputs.z_99)}, z-scores from {outputs.z_source}."
+        )
+    if 0 < outputs.n_patches < n_tissue:
         print(
             f"The {label} slide scores cover {outputs.n_patches / n_tissue:.1%} of the tissue patches "
             "(the triage budget), so they can miss anomalies outside it."
         )
+        if outputs.z_source == "within-slide":
+            print(
+                f"WARNING: the {label} z-scores use the mean and standard deviation of the scored patches, "
+                "which triage chose as the most anomalous, so they understate anomalies. Calibrate the "
+                "bundle at these settings (training/06_calibrate.py) or use --triage-budget 1.",
+                file=sys.stderr,
+            )
     print(f"Outputs in {outputs.out}:")
     for name, path in outputs.files.items():
         print(f"  {name:<20} {path}")
@@ -427,7 +455,15 @@ def analyze(
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
     from napari_anopilad.engine.session import AnalysisSession
     from napari_anopilad.engine.store import ResultStore, grid_description
-    from napari_anopilad.method.scorers import ANOPILAD, load_any_bundle, make_scorer, method_of, score_names
+    from napari_anopilad.method.scorers import (
+        ANOPILAD,
+        load_any_bundle,
+        make_scorer,
+        method_label,
+        method_of,
+        reconstructs,
+        score_names,
+    )
     from napari_anopilad.slide import build_patch_grid, compute_tissue_mask, open_slide
 
     if batch_size != "auto" and (isinstance(batch_size, str) or batch_size < 1):
@@ -455,6 +491,11 @@ def analyze(
     if triage is not None and method != ANOPILAD:
         raise CommandError(
             f"--triage needs an AnoPILaD bundle with a triage reference; {bundle_folder} is a {method} bundle"
+        )
+    if save_reconstructions and not reconstructs(bundle):
+        raise CommandError(
+            f"--save-reconstructions: the {method_label(method)} method of {bundle_folder} scores likelihoods "
+            "and makes no reconstructions; leave the option out"
         )
     check_precision(torch_device, settings.precision)
 

@@ -157,19 +157,32 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
 
 
 def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any]) -> None:
-    """Reject AnoPILaD's own setting flags for a comparison method's bundle, naming the flags."""
+    """Check the setting flags against the bundle's method before a cluster starts.
+
+    AnoPILaD's own flags on a comparison method's bundle, and a ``--score`` the method lacks, raise
+    CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
+    """
     from napari_anopilad.commands.analyze import SETTING_FLAGS
-    from napari_anopilad.method.baselines.base import bundle_method
+    from napari_anopilad.method.baselines.base import bundle_method, scorer_class_for
     from napari_anopilad.method.errors import BundleError
     from napari_anopilad.method.scorers import ANOPILAD
+    from napari_anopilad.method.settings import SCORES
 
     try:
         method = bundle_method(bundle_folder)
+        names = SCORES if method == ANOPILAD else scorer_class_for(method).score_names
     except BundleError as error:
         raise CommandError(str(error)) from error
+    score = overrides.get("score")
+    if score is not None and score not in names:
+        raise CommandError(f"--score {score} is not a {method} score: use one of {', '.join(names)}")
     if method == ANOPILAD:
         return
-    flags = [SETTING_FLAGS[name] for name in overrides if name != "score" and name in SETTING_FLAGS]
+    flags = [
+        SETTING_FLAGS[name]
+        for name, value in overrides.items()
+        if name in SETTING_FLAGS and name != "score" and not (name == "precision" and value == "float32")
+    ]
     if flags:
         raise CommandError(
             f"{', '.join(flags)}: AnoPILaD settings, which do not apply to the {method} bundle {bundle_folder}; "
@@ -244,7 +257,8 @@ def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool 
     wait(check)
     if check.status == "error":
         raise CommandError(
-            f"the bundle {options.bundle} cannot be loaded on the workers: {check.exception()}"
+            f"the bundle {options.bundle} failed the check on a worker (loading it and building its "
+            f"scorer): {check.exception()}"
         )
     bundle = check.result()
     if bundle["demo"]:

@@ -265,12 +265,13 @@ def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
 
 
 def describe_bundle(options: CohortOptions) -> dict[str, Any]:
-    """Load the bundle on a worker and return its identity, demo flag and the run's settings.
+    """Load the bundle and build its scorer on a worker; return its identity, demo flag and the run's settings.
 
-    The command runs this once before the slides, so a missing or invalid bundle stops the run with
-    one message instead of failing every slide.
+    The command runs this once before the slides, so a missing or invalid bundle, corrupt weights, a
+    score the method lacks or an unusable device stops the run with one message instead of failing every
+    slide. The worker keeps the scorer for the slides it scores next.
     """
-    model = _load_model(options, with_scorer=False)
+    model = _load_model(options, with_scorer=True)
     return {
         "identity": model.bundle.identity,
         "demo": bool(model.bundle.demo),

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 Z_SOURCE_CALIBRATION = "calibration"
 Z_SOURCE_WITHIN_SLIDE = "within-slide"
+_warned_calibrations: set[tuple[str, str]] = set()
 
 
 def calibration_reference(
@@ -41,7 +42,10 @@ def calibration_reference(
     """
     calibration = bundle.calibration_for(settings)
     if calibration is None:
-        if bundle.calibration is not None:
+        warning_key = (str(bundle.identity), settings.score_key())
+        if bundle.calibration is not None and warning_key not in _warned_calibrations:
+            # One analysis asks several times (scorer, session, results), so the warning is logged once.
+            _warned_calibrations.add(warning_key)
             logger.warning(
                 "The bundle's calibration was measured under other settings (%s), so z-scores are within the slide",
                 "; ".join(bundle.calibration.differences(settings)),
