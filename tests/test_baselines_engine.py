@@ -208,3 +208,15 @@ def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_pat
     described = describe_bundle(CohortOptions(bundle=bundle, out=tmp_path / "out", overrides={"score": "l1"}))
     assert described["settings"]["score"] == "l1"
     assert described["settings"]["method"] == "memae"
+
+
+def test_cohort_bundle_check_finds_corrupt_weights(tmp_path: Path) -> None:
+    from napari_anopilad.engine.cohort import CohortOptions, describe_bundle
+
+    bundle = _memae_bundle(tmp_path / "bundle")
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    # The one-time check builds the scorer, so truncated weights stop the run before any slide.
+    with pytest.raises(BundleError, match="model.safetensors"):
+        describe_bundle(CohortOptions(bundle=bundle, out=tmp_path / "out"))
