@@ -396,8 +396,21 @@ def test_training_rejects_crops(patches: Path, tmp_path: Path):
 def test_resume_rejects_other_memory_size(patches: Path, tmp_path: Path):
     train("memae", patches, tmp_path, 1)
 
-    with pytest.raises(SystemExit, match="trained with other model"):
-        train("memae", patches, tmp_path, 2, "--memory-items", "8")
+    with pytest.raises(SystemExit) as exit_info:
+        train("memae", patches, tmp_path, 2, "--memory-items", "8", "--latent-channels", "6")
+
+    message = str(exit_info.value)
+    assert "model.memory_items was 6, now 8" in message
+    assert "model.latent_channels was 4, now 6" in message
+    assert "model.channels" not in message
+    assert "entropy_weight" not in message
+
+
+def test_resume_rejects_other_batch_size(patches: Path, tmp_path: Path):
+    train("ae", patches, tmp_path, 1)
+
+    with pytest.raises(SystemExit, match="batch_size was 2, now 3"):
+        train("ae", patches, tmp_path, 2, "--batch-size", "3")
 
 
 def test_training_rejects_invalid_channels(patches: Path, tmp_path: Path):

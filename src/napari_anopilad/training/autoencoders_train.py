@@ -38,6 +38,7 @@ from napari_anopilad.training.baselines import (
     BaselineTrainingConfig,
     add_training_arguments,
     config_from_args,
+    option_differences,
     train_baseline,
 )
 from napari_anopilad.training.scoring import read_bundle_spec, write_bundle_spec
@@ -203,12 +204,11 @@ def check_resume_options(config: BaselineTrainingConfig, options: dict[str, Any]
     path = config.output / OPTIONS_NAME
     has_checkpoint = (config.output / CHECKPOINT_DIR / STATE_NAME).is_file()
     if has_checkpoint and path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(key for key in set(saved) | set(options) if saved.get(key) != options.get(key))
+        changed = option_differences(json.loads(path.read_text()), options)
         if changed:
             raise SystemExit(
-                f"error: {config.output} was trained with other {', '.join(changed)} ({path}); "
-                "resume with the same options or use another --output"
+                f"error: {config.output} was trained with other options ({'; '.join(changed)}; recorded in "
+                f"{path}); resume with the same options or use another --output"
             )
     config.output.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(options, indent=2) + "\n")

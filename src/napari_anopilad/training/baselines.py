@@ -197,6 +197,29 @@ def normal_patches(config: BaselineTrainingConfig) -> np.ndarray:
     return load_patches(config.patches, rows["path"])
 
 
+def option_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Describe each option whose recorded value differs from the current one, as ``name was old, now new``.
+
+    Nested dictionaries, such as the architecture under ``model``, are compared key by key, so a change
+    reads ``model.memory_items was 6, now 8``. ``current`` goes through JSON first, as the recorded
+    options did, so a tuple equals its recorded list. An option absent on one side reads ``unset``.
+    """
+    current = json.loads(json.dumps(current))
+    differences: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        before, after = saved.get(key), current.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            nested = option_differences(before, after)
+            differences.extend(f"{key}.{difference}" for difference in nested)
+        elif before != after:
+            differences.append(f"{key} was {_option_text(key, saved)}, now {_option_text(key, current)}")
+    return differences
+
+
+def _option_text(key: str, options: Mapping[str, Any]) -> str:
+    return json.dumps(options[key]) if key in options else "unset"
+
+
 def save_checkpoint(folder: Path, step: int, trainer: MethodTrainer, config: BaselineTrainingConfig) -> None:
     """Write the networks (safetensors), the optimiser states and the step; the state file goes last."""
     from safetensors.torch import save_file
@@ -229,17 +252,14 @@ def load_checkpoint(folder: Path, trainer: MethodTrainer, config: BaselineTraini
         raise SystemExit(
             f"error: {folder} holds a {state.get('method')} checkpoint, not {trainer.method}; use another --output"
         )
-    saved = dict(state.get("config", {}))
-    current = config.to_dict()
-    changed = [
-        key
-        for key in ("batch_size", "crop_size", "learning_rate", "seed", "split")
-        if saved.get(key) != current.get(key)
-    ]
+    resumed_keys = ("batch_size", "crop_size", "learning_rate", "seed", "split")
+    saved = {key: value for key, value in state.get("config", {}).items() if key in resumed_keys}
+    current = {key: value for key, value in config.to_dict().items() if key in resumed_keys}
+    changed = option_differences(saved, current)
     if changed:
         raise SystemExit(
-            f"error: {folder} was trained with other {', '.join(changed)}; resume with the same options "
-            "or use another --output"
+            f"error: {folder} was trained with other options ({'; '.join(changed)}); resume with the same "
+            "options or use another --output"
         )
     for name, module in trainer.modules().items():
         module.load_state_dict(load_file(str(folder / f"{name}.safetensors"), device=config.device))

@@ -44,6 +44,7 @@ from napari_anopilad.training.baselines import (
     STATE_NAME,
     add_training_arguments,
     config_from_args,
+    option_differences,
     train_baseline,
 )
 from napari_anopilad.training.scoring import read_bundle_spec, write_bundle_spec
@@ -341,11 +342,11 @@ def check_resumed_options(output: Path, record: dict[str, Any]) -> None:
     path = output / OPTIONS_NAME
     if (output / CHECKPOINT_DIR / STATE_NAME).is_file() and path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(key for key in record if saved.get(key) != record[key])
+        changed = option_differences({key: saved[key] for key in record if key in saved}, record)
         if changed:
             raise SystemExit(
-                f"error: {output} was trained with other {', '.join(changed)} ({path}); resume with the same "
-                "options or use another --output"
+                f"error: {output} was trained with other options ({'; '.join(changed)}; recorded in {path}); "
+                "resume with the same options or use another --output"
             )
     output.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp-{path.name}")
