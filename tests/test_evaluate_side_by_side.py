@@ -332,3 +332,123 @@ def test_evaluate_memae_beside_anopilad(tmp_path: Path, data_dir: Path, demo_bun
     z = (used["mse"] - 0.02) / 0.01
     expected_auc = roc_auc_score(used["label"] == "tumour", z)
     assert float(str(results.iloc[3]["Patch AUC"]).split(" ")[0]) == pytest.approx(expected_auc, abs=5e-4)
+
+
+def _tiny_memae(folder: Path, seed: int) -> Path:
+    """A MemAE bundle with tiny random weights and calibration statistics, saved in ``folder``."""
+    import torch
+
+    from napari_anopilad.method.baselines.autoencoders import (
+        AutoencoderConfig,
+        build_network,
+        default_settings,
+    )
+    from napari_anopilad.method.baselines.base import BaselineCalibration, save_baseline_bundle
+
+    config = AutoencoderConfig(channels=(4, 8), latent_channels=8, memory_items=6)
+    torch.manual_seed(seed)
+    calibration = BaselineCalibration(
+        {"mse": 0.02, "l1": 0.1}, {"mse": 0.01, "l1": 0.05}, 10, default_settings("memae")
+    )
+    return save_baseline_bundle(
+        folder,
+        "memae",
+        config.to_dict(),
+        {"model": build_network("memae", config).state_dict()},
+        default_settings("memae"),
+        calibration=calibration,
+        demo=True,
+    )
+
+
+def test_bundle_labels_name_the_run_folder(tmp_path: Path) -> None:
+    from napari_anopilad.training.evaluate import bundle_labels
+
+    assert bundle_labels([tmp_path / "runs" / "memae" / "bundle", tmp_path / "runs" / "ae" / "bundle"]) == [
+        "memae",
+        "ae",
+    ]
+    assert bundle_labels([tmp_path / "lora-step-400"]) == ["lora-step-400"]
+    assert bundle_labels([tmp_path / "my run (v2)"]) == ["my_run_v2"]
+    assert bundle_labels([Path("/bundle")]) == ["bundle"]
+
+
+def test_clashing_labels_ignore_order(tmp_path: Path) -> None:
+    from napari_anopilad.training.evaluate import bundle_labels
+
+    first = tmp_path / "a" / "memae" / "bundle"
+    second = tmp_path / "b" / "memae" / "bundle"
+    other = tmp_path / "anopilad"
+
+    labels = bundle_labels([first, other, second])
+
+    assert labels[1] == "anopilad"
+    assert labels[0] != labels[2]
+    for label in (labels[0], labels[2]):
+        assert label.startswith("memae-")
+        assert len(label) == len("memae-") + 8
+    assert bundle_labels([second, other, first]) == [labels[2], "anopilad", labels[0]]
+    # Labels that differ only in case or in unsafe characters would share a file name, so they clash too.
+    clashing = bundle_labels([tmp_path / "Run A", tmp_path / "run_a"])
+    assert clashing[0] != clashing[1]
+    assert all(label.casefold().startswith("run_a-") for label in clashing)
+
+
+def test_bundle_labels_reject_repeated_folder(tmp_path: Path) -> None:
+    from napari_anopilad.training.evaluate import bundle_labels
+
+    with pytest.raises(ValueError, match="is given twice"):
+        bundle_labels([tmp_path / "memae", tmp_path / "x" / ".." / "memae"])
+
+
+def test_heatmap_names_are_safe(tables, tmp_path: Path) -> None:
+    slides, anopilad, _ = tables
+    runs = [
+        EvaluationRun("memae (memae, mse)", anopilad, "lpips", (0.3, 0.05)),
+        EvaluationRun("memae [memae, mse]", anopilad, "lpips", (0.3, 0.05)),
+        EvaluationRun("demo triage-guided (0.1 budget)", anopilad, "lpips", (0.3, 0.05)),
+    ]
+
+    write_report(tmp_path, evaluate_runs(runs, slides, n_bootstrap=5), slides, {})
+
+    names = sorted(path.name for path in (tmp_path / "heatmaps").iterdir())
+    assert names == sorted(
+        f"{stem}_{slide}.png"
+        for stem in ("memae_memae_mse", "memae_memae_mse-2", "demo_triage-guided_0.1_budget")
+        for slide in slides["slide"]
+    )
+
+
+def test_evaluate_command_labels_and_caches(tmp_path: Path, data_dir: Path) -> None:
+    import re
+
+    from napari_anopilad.training.evaluate import bundle_labels, main
+
+    bundles = [
+        _tiny_memae(tmp_path / "a" / "memae" / "bundle", seed=0),
+        _tiny_memae(tmp_path / "b" / "memae" / "bundle", seed=1),
+        _tiny_memae(tmp_path / "memae small (v2)", seed=2),
+    ]
+    labels = bundle_labels(bundles)
+    assert labels[2] == "memae_small_v2"
+    extraction = _extraction(tmp_path / "extracted", data_dir)
+    report = tmp_path / "report"
+    common = [str(extraction), "--report", str(report), "--bootstrap", "10", "--batch-size", "4"]
+
+    assert main([*common, *(f"--bundle={bundle}" for bundle in bundles)]) == 0
+
+    results = pd.read_csv(report / "results.csv", keep_default_na=False)
+    assert list(results["Method"]) == [f"{label} (memae, mse) (demo)" for label in labels]
+    caches = sorted(path.name for path in (report / "scores").glob("*.csv"))
+    assert caches == sorted(f"{label}.csv" for label in labels)
+    heatmaps = [path.name for path in (report / "heatmaps").iterdir()]
+    assert len(heatmaps) == 3 * 2
+    for name in heatmaps:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+\.png", name), name
+
+    # In the reverse order each bundle keeps its label, so its cached scores are reused, not rewritten.
+    written = {name: (report / "scores" / name).stat().st_mtime_ns for name in caches}
+    assert main([*common, *(f"--bundle={bundle}" for bundle in reversed(bundles))]) == 0
+    results = pd.read_csv(report / "results.csv", keep_default_na=False)
+    assert list(results["Method"]) == [f"{label} (memae, mse) (demo)" for label in reversed(labels)]
+    assert {name: (report / "scores" / name).stat().st_mtime_ns for name in caches} == written

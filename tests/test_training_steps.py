@@ -219,25 +219,28 @@ def report(captioned: Path, calibrated: Path, workspace: Path) -> Path:
     return folder
 
 
-def test_evaluate_writes_report(report: Path):
+def test_evaluate_writes_report(report: Path, workspace: Path):
     for name in ("results.md", "results.csv", "per_slide.csv", "curves_patch.png", "curves_slide_z99.png"):
         assert (report / name).is_file()
+    # The bundle is WORKSPACE/bundle, so the report names it after WORKSPACE.
+    label = workspace.name
     assert sorted(path.name for path in (report / "heatmaps").glob("*.png")) == [
-        "bundle_CMU-1-Small-Region.png",
-        "bundle_TCGA-normal.png",
+        f"{label}_CMU-1-Small-Region.png",
+        f"{label}_TCGA-normal.png",
     ]
+    assert list(pd.read_csv(report / "results.csv")["Method"]) == [f"{label} (demo)"]
     text = (report / "results.md").read_text()
     assert "meaningless" in text
     assert "| Method | Patch AUC | Patch AUPR | Slide AUC (Z_max) |" in text
 
 
-def test_evaluate_numbers_match_sklearn(report: Path, captioned: Path, calibrated: Path):
+def test_evaluate_numbers_match_sklearn(report: Path, captioned: Path, calibrated: Path, workspace: Path):
     from napari_anopilad.method.heatmap import erode_heatmap, heatmap_grid, z_99
 
     spec = json.loads((calibrated / "bundle.json").read_text())
     mean = spec["calibration"]["scores"]["lpips"]["mean"]
     std = spec["calibration"]["scores"]["lpips"]["std"]
-    scores = pd.read_csv(report / "scores" / "bundle.csv", keep_default_na=False)
+    scores = pd.read_csv(report / "scores" / f"{workspace.name}.csv", keep_default_na=False)
     slides = pd.read_csv(captioned / "slides.csv", keep_default_na=False).set_index("slide")
     scores["z"] = (scores["lpips"] - mean) / std
 
@@ -265,8 +268,11 @@ def test_evaluate_numbers_match_sklearn(report: Path, captioned: Path, calibrate
     assert np.isfinite(per_slide.loc["TCGA-normal", "tnr"])
 
 
-def test_evaluate_resumes_from_cached_scores(report: Path, captioned: Path, calibrated: Path):
-    before = (report / "scores" / "bundle.csv").read_text()
+def test_evaluate_resumes_from_cached_scores(
+    report: Path, captioned: Path, calibrated: Path, workspace: Path
+):
+    cache = report / "scores" / f"{workspace.name}.csv"
+    before = cache.read_text()
     arguments = [str(captioned), "--bundle", str(calibrated), "--report", str(report), "--bootstrap", "50"]
     assert evaluate.main(arguments) == 0
-    assert (report / "scores" / "bundle.csv").read_text() == before
+    assert cache.read_text() == before

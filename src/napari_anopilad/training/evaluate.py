@@ -9,6 +9,7 @@
 
 Undefined values (one class only, no negative cells) are reported as ``n/a`` with the reason, and left
 out of averages. Patch scores are cached per bundle in ``scores/<bundle>.csv``, so a rerun resumes.
+A bundle's name in the table and in file names comes from its folder (:func:`bundle_labels`).
 
 Several score sets go side by side in one table, one row each (:class:`EvaluationRun`,
 :func:`evaluate_runs`). ``--bundle`` takes AnoPILaD bundles and the comparison methods' bundles alike, so
@@ -22,6 +23,8 @@ how many they are.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +46,22 @@ from napari_anopilad.training.metrics import (
 )
 
 EVALUATION_SPLITS = ("test-in", "test-out")
+# The folder name of a bundle that a training script writes inside its run folder.
+BUNDLE_FOLDER_NAME = "bundle"
+_UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 DEMO_WARNING = (
     "This report was made with a demo bundle (tiny random models): its numbers are meaningless and say "
     "nothing about the method."
 )
+
+
+def safe_file_stem(text: str) -> str:
+    """Replace each run of characters other than letters, digits, ``.``, ``_`` and ``-`` with one ``_``.
+
+    Leading and trailing ``_`` and ``.`` are dropped, so no stem starts with a dot, and an empty result
+    becomes ``_``. ``"memae (memae, mse)"`` gives ``"memae_memae_mse"``.
+    """
+    return _UNSAFE_FILE_CHARACTERS.sub("_", text).strip("_.") or "_"
 
 
 @dataclass
@@ -440,7 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     # Every bundle loads, and takes --score, before any patch is scored.
-    names = _unique_names(args.bundle)
+    try:
+        names = bundle_labels(args.bundle)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     bundles = []
     for bundle_folder in args.bundle:
         try:
@@ -540,14 +558,34 @@ def _triage_runs(
     ]
 
 
-def _unique_names(folders: Sequence[Path]) -> list[str]:
-    names: list[str] = []
-    for folder in folders:
-        name = Path(folder).resolve().name
-        while name in names:
-            name += "+"
-        names.append(name)
-    return names
+def bundle_labels(folders: Sequence[Path]) -> list[str]:
+    """Name each bundle folder for the report's rows and its ``scores/`` cache files.
+
+    A bundle's label is its folder's name, or the parent folder's name when the folder is called
+    ``bundle``, as in the layout ``runs/<method>/bundle``. Characters other than letters, digits, ``.``,
+    ``_`` and ``-`` become ``_`` so that labels make safe file names. Folders whose labels clash, ignoring
+    case, get ``-`` and 8 hex digits of a hash of their resolved path. A folder therefore keeps its label,
+    and its cached scores, in any order of ``--bundle``.
+
+    Raises
+    ------
+    ValueError
+        If one folder is given twice.
+    """
+    resolved = [Path(folder).resolve() for folder in folders]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise ValueError(f"--bundle {folders[index]} is given twice: pass each bundle once")
+
+    labels = []
+    for path in resolved:
+        name = path.parent.name if path.name == BUNDLE_FOLDER_NAME and path.parent.name else path.name
+        labels.append(safe_file_stem(name))
+    keys = [label.casefold() for label in labels]
+    for index, path in enumerate(resolved):
+        if keys.count(keys[index]) > 1:
+            labels[index] += "-" + hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return labels
 
 
 def _read_slide_annotations(slides: pd.DataFrame) -> dict[str, Any]:

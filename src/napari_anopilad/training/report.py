@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from napari_anopilad.training.evaluate import DEMO_WARNING, Evaluation
+from napari_anopilad.training.evaluate import DEMO_WARNING, Evaluation, safe_file_stem
 from napari_anopilad.training.metrics import BootstrapInterval, MetricValue
 
 TABLE_COLUMNS = [
@@ -33,6 +33,19 @@ TABLE_COLUMNS = [
     ("tnr", "TNR"),
 ]
 COVERAGE_TITLE = "Coverage"
+
+
+def _heatmap_stems(evaluations: Sequence[Evaluation]) -> list[str]:
+    """Return one file stem per evaluation; a stem already taken, ignoring case, gets ``-2``, ``-3``, ..."""
+    stems: list[str] = []
+    for evaluation in evaluations:
+        stem = safe_file_stem(evaluation.name)
+        candidate, number = stem, 1
+        while candidate.casefold() in (taken.casefold() for taken in stems):
+            number += 1
+            candidate = f"{stem}-{number}"
+        stems.append(candidate)
+    return stems
 
 
 def _format(value: MetricValue, interval: BootstrapInterval | None) -> str:
@@ -155,14 +168,14 @@ def write_report(
     _curve_figure(evaluations, "patch", folder / "curves_patch.png")
     _curve_figure(evaluations, "slide", folder / "curves_slide_z99.png")
     (folder / "heatmaps").mkdir(exist_ok=True)
-    for evaluation in evaluations:
+    for evaluation, stem in zip(evaluations, _heatmap_stems(evaluations)):
         for slide in slides.itertuples(index=False):
             if any(result.slide == slide.slide for result in evaluation.slides):
                 _heatmap_figure(
                     evaluation,
                     slide,
                     annotations.get(slide.slide),
-                    folder / "heatmaps" / f"{evaluation.name}_{slide.slide}.png",
+                    folder / "heatmaps" / f"{stem}_{safe_file_stem(str(slide.slide))}.png",
                 )
 
     lines = ["# Evaluation report", ""]
