@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_anopilad.training.manifest import read_manifest, select_rows
-from napari_anopilad.training.scoring import read_bundle_spec, score_rows, write_bundle_spec
+from napari_anopilad.training.scoring import (
+    load_bundle_or_exit,
+    make_scorer_or_exit,
+    read_bundle_spec,
+    score_rows,
+    write_bundle_spec,
+)
 
 CALIBRATION_SCORES_NAME = "calibration_scores.csv"
 
@@ -48,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from napari_anopilad.method.baselines.base import BaselineBundle, BaselineCalibration
     from napari_anopilad.method.bundle import Calibration
-    from napari_anopilad.method.scorers import load_any_bundle, make_scorer, score_names
+    from napari_anopilad.method.scorers import score_names
 
     args = build_parser().parse_args(argv)
     rows = select_rows(read_manifest(args.patches), splits=[args.split], labels=["normal"])
@@ -56,12 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"error: {len(rows)} normal patches in the {args.split!r} split; calibration needs at least 2"
         )
-    bundle = load_any_bundle(args.bundle)
+    bundle = load_bundle_or_exit(args.bundle)
     try:
         settings = bundle.settings.with_overrides(start_timestep=args.start_timestep)
     except ValueError as error:
         raise SystemExit(f"error: --start-timestep: {error}") from error
-    scorer = make_scorer(bundle, args.device, settings)
+    scorer = make_scorer_or_exit(bundle, args.device, settings)
     names = score_names(bundle)
     scores_path = Path(args.bundle) / CALIBRATION_SCORES_NAME
     # Cached scores are only valid for these settings and weights.

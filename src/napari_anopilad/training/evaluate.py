@@ -440,10 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate bundles from command-line arguments; return the exit status."""
     from tqdm.auto import tqdm
 
-    from napari_anopilad.method.errors import BundleError
-    from napari_anopilad.method.scorers import ANOPILAD, load_any_bundle, make_scorer, method_of, score_names
+    from napari_anopilad.method.scorers import ANOPILAD, method_of, score_names
     from napari_anopilad.training.report import write_report
-    from napari_anopilad.training.scoring import score_rows
+    from napari_anopilad.training.scoring import load_bundle_or_exit, make_scorer_or_exit, score_rows
 
     args = build_parser().parse_args(argv)
     slides = read_slides(args.patches)
@@ -455,16 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     # Every bundle loads, and takes --score, before any patch is scored.
+    # NOTE: weights that do not fit their architecture are found only when the scorer is built, after the
+    # bundles before them are scored. Their scores stay cached, so the rerun skips them.
     try:
         names = bundle_labels(args.bundle)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     bundles = []
     for bundle_folder in args.bundle:
-        try:
-            bundle = load_any_bundle(bundle_folder)
-        except BundleError as error:
-            raise SystemExit(f"error: --bundle {bundle_folder}: {error}") from error
+        bundle = load_bundle_or_exit(bundle_folder)
         if args.score is not None and args.score not in score_names(bundle):
             raise SystemExit(
                 f"error: --score {args.score} is not a score of the {method_of(bundle)} bundle {bundle_folder}: "
@@ -477,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for bundle, name in zip(bundles, names):
         method = method_of(bundle)
         score_name = args.score or bundle.settings.score
-        scorer = make_scorer(bundle, args.device)
+        scorer = make_scorer_or_exit(bundle, args.device)
         scores_path = args.report / "scores" / f"{name}.csv"
         key_path = scores_path.with_suffix(".key")
         key = f"{bundle.identity} {bundle.settings.score_key()}"
@@ -515,13 +513,18 @@ def _triage_runs(
     from tqdm.auto import tqdm
 
     from napari_anopilad.engine.triage_pass import check_budget
+    from napari_anopilad.method.errors import BundleError
     from napari_anopilad.method.triage import TriageScorer
+    from napari_anopilad.method.triage_store import TriageReferenceError
 
     try:
         check_budget(args.triage_budget, args.triage_neighbours)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
-    scorer = TriageScorer(bundle, args.device)
+    try:
+        scorer = TriageScorer(bundle, args.device)
+    except (BundleError, TriageReferenceError) as error:
+        raise SystemExit(f"error: --triage with --bundle {bundle.folder}: {error}") from error
     scores_path = args.report / "scores" / f"{name}.triage.csv"
     key_path = scores_path.with_suffix(".key")
     key = f"{bundle.identity} {scorer.reference.identity} k{scorer.k}"

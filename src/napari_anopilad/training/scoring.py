@@ -47,6 +47,42 @@ def write_bundle_spec(bundle_folder: Path, spec: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def load_bundle_or_exit(folder: Path) -> Any:
+    """Load any method's bundle for a training script, or exit with one ``error:`` line naming ``folder``.
+
+    A comparison bundle's loader leaves its weight files to the scorer, so this reads their safetensors
+    headers too, and a corrupt file stops the script before any patch is scored.
+    """
+    from napari_anopilad.method.baselines.base import BaselineBundle
+    from napari_anopilad.method.errors import BundleError
+    from napari_anopilad.method.scorers import load_any_bundle
+    from napari_anopilad.method.weights import read_tensor_shapes
+
+    try:
+        bundle = load_any_bundle(folder)
+        if isinstance(bundle, BaselineBundle):
+            for part, path in bundle.weights.items():
+                read_tensor_shapes(path, f"{bundle.method} weights ({part})")
+    except BundleError as error:
+        raise SystemExit(f"error: --bundle {folder}: {error}") from error
+    return bundle
+
+
+def make_scorer_or_exit(bundle: Any, device: str, settings: Any = None) -> Any:
+    """Build a loaded bundle's scorer, or exit with one ``error:`` line naming the bundle folder.
+
+    Building reads every weight file, so this is where weights that do not match the bundle's
+    architecture are found.
+    """
+    from napari_anopilad.method.errors import BundleError
+    from napari_anopilad.method.scorers import make_scorer
+
+    try:
+        return make_scorer(bundle, device, settings)
+    except BundleError as error:
+        raise SystemExit(f"error: --bundle {bundle.folder}: {error}") from error
+
+
 def base_model_folder(bundle_folder: Path) -> Path:
     """Return the diffusers folder of a bundle's base model."""
     spec = read_bundle_spec(bundle_folder)
