@@ -127,7 +127,11 @@ def add_training_arguments(
     )
     parser.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
     parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"crops per step (default {batch_size})"
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help="crops per step, each cut at random from a training patch drawn with replacement, and the whole "
+        f"patch at --crop-size {PATCH_SIZE} (default {batch_size})",
     )
     parser.add_argument(
         "--crop-size", type=int, default=crop_size, help=f"training crop size in pixels (default {crop_size})"
