@@ -218,5 +218,5 @@ def test_cohort_bundle_check_finds_corrupt_weights(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
 
     # The one-time check builds the scorer, so truncated weights stop the run before any slide.
-    with pytest.raises(BundleError, match="model.safetensors"):
+    with pytest.raises(BundleError, match=r"model\.safetensors"):
         describe_bundle(CohortOptions(bundle=bundle, out=tmp_path / "out"))

@@ -280,7 +280,7 @@ def read_triage_reference(bundle_folder: str | os.PathLike[str]) -> TriageRefere
     if not tensors_path.is_file() or not sidecar_path.is_file():
         raise TriageReferenceError(
             f"triage reference: {tensors_path} and {sidecar_path.name} not found; build them with "
-            "`python training/build_triage_reference.py --bundle BUNDLE --manifest patches.csv`"
+            "`python training/build_triage_reference.py --bundle BUNDLE --manifest EXTRACTED/manifest.csv`"
         )
     try:
         sidecar = json.loads(sidecar_path.read_text())
