@@ -115,10 +115,11 @@ def test_scorer_matches_calibration(built) -> None:
     for k in (1, 3):
         scores = TriageScorer(bundle, k=k, batch_size=2).score(validation)
         # The calibration is the mean and population std of these same patches, so z has mean 0 and std 1.
+        # The embeddings are float32 and the reference was built in other batches, so they agree to ~1e-5.
         np.testing.assert_allclose(scores.knn_z.mean(), 0.0, atol=1e-4)
         np.testing.assert_allclose(scores.knn_z.std(), 1.0, atol=1e-4)
-        np.testing.assert_allclose(scores.keyword_z.mean(), 0.0, atol=1e-6)
-        np.testing.assert_allclose(scores.keyword_z.std(), 1.0, atol=1e-6)
+        np.testing.assert_allclose(scores.keyword_z.mean(), 0.0, atol=1e-4)
+        np.testing.assert_allclose(scores.keyword_z.std(), 1.0, atol=1e-4)
         assert scores.k == k
         assert scores.demo is True
 
