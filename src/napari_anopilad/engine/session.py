@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,55 @@ _POLL_S = 0.1
 
 class OutOfMemoryAtBatchSizeOne(RuntimeError):
     """The device ran out of memory on a single patch, so halving the batch cannot help."""
+
+
+def score_halving_on_out_of_memory(
+    score: Callable[[list[tuple[int, int]], NDArray[np.uint8]], Any],
+    cells: list[tuple[int, int]],
+    images: NDArray[np.uint8],
+    *,
+    device: Any,
+    on_halve: Callable[[int], None],
+    single_patch_advice: str,
+) -> list[tuple[list[tuple[int, int]], Any]]:
+    """Score a batch with ``score(cells, images)``, halving it after each device out-of-memory error.
+
+    Returns ``(cells, scores)`` per part that was scored, in order. ``on_halve(half)`` is called with the
+    new batch size so that the caller scores later batches at that size. An out-of-memory error on a
+    single patch raises :class:`OutOfMemoryAtBatchSizeOne`, whose message ends with ``single_patch_advice``.
+    """
+    try:
+        return [(cells, score(cells, images))]
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        if device is not None:
+            release_cached_memory(device)
+        if len(cells) == 1:
+            raise OutOfMemoryAtBatchSizeOne(
+                f"the device {device} ran out of memory on a single patch: {single_patch_advice}"
+            ) from error
+        half = max(1, len(cells) // 2)
+        on_halve(half)
+        logger.warning(
+            "The device %s ran out of memory on a batch of %d patches; going on with batch size %d",
+            device,
+            len(cells),
+            half,
+        )
+    parts: list[tuple[list[tuple[int, int]], Any]] = []
+    for offset in range(0, len(cells), half):
+        parts.extend(
+            score_halving_on_out_of_memory(
+                score,
+                cells[offset : offset + half],
+                images[offset : offset + half],
+                device=device,
+                on_halve=on_halve,
+                single_patch_advice=single_patch_advice,
+            )
+        )
+    return parts
 
 
 @dataclass(frozen=True)
@@ -399,34 +448,21 @@ class AnalysisSession:
         self, cells: list[tuple[int, int]], images: NDArray[np.uint8]
     ) -> list[tuple[list[tuple[int, int]], Any]]:
         """Score a batch; on an out-of-memory error halve the batch size and score the halves."""
-        try:
-            return [(cells, self._score(cells, images))]
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            device = getattr(self.scorer, "device", None)
-            if device is not None:
-                release_cached_memory(device)
-            if len(cells) == 1:
-                raise OutOfMemoryAtBatchSizeOne(
-                    f"the device {device} ran out of memory on a single patch: free the GPU of other "
-                    "processes, use --precision float16 or bfloat16, or run on another device"
-                ) from error
-            half = max(1, len(cells) // 2)
+
+        def lower_batch_size(half: int) -> None:
             with self._lock:
                 self._batch_size = min(self._batch_size, half)
-            logger.warning(
-                "The device %s ran out of memory on a batch of %d patches; going on with batch size %d",
-                device,
-                len(cells),
-                half,
-            )
-        parts: list[tuple[list[tuple[int, int]], Any]] = []
-        for offset in range(0, len(cells), half):
-            parts.extend(
-                self._score_with_retry(cells[offset : offset + half], images[offset : offset + half])
-            )
-        return parts
+
+        return score_halving_on_out_of_memory(
+            self._score,
+            cells,
+            images,
+            device=getattr(self.scorer, "device", None),
+            on_halve=lower_batch_size,
+            single_patch_advice=(
+                "free the GPU of other processes, use --precision float16 or bfloat16, or run on another device"
+            ),
+        )
 
     def _write(self, cells: list[tuple[int, int]], scores: Any) -> None:
         reconstructions = getattr(scores, "reconstructions", None) if self.save_reconstructions else None

@@ -518,36 +518,19 @@ class TriagePass:
         self, cells: list[tuple[int, int]], images: NDArray[np.uint8]
     ) -> list[tuple[list[tuple[int, int]], Any]]:
         """Score a batch; on an out-of-memory error halve the batch size and score the halves."""
-        from napari_anopilad.engine.device import is_out_of_memory, release_cached_memory
-        from napari_anopilad.engine.session import OutOfMemoryAtBatchSizeOne
+        from napari_anopilad.engine.session import score_halving_on_out_of_memory
 
-        try:
-            return [(cells, self.scorer.score(images))]
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            device = getattr(self.scorer, "device", None)
-            if device is not None:
-                release_cached_memory(device)
-            if len(cells) == 1:
-                raise OutOfMemoryAtBatchSizeOne(
-                    f"the device {device} ran out of memory embedding a single patch with CONCH: free the GPU "
-                    "of other processes or run on another device"
-                ) from error
-            half = max(1, len(cells) // 2)
+        def lower_batch_size(half: int) -> None:
             self.batch_size = min(self.batch_size, half)
-            logger.warning(
-                "The device %s ran out of memory on a triage batch of %d patches; going on with batch size %d",
-                device,
-                len(cells),
-                half,
-            )
-        parts: list[tuple[list[tuple[int, int]], Any]] = []
-        for offset in range(0, len(cells), half):
-            parts.extend(
-                self._score_with_retry(cells[offset : offset + half], images[offset : offset + half])
-            )
-        return parts
+
+        return score_halving_on_out_of_memory(
+            lambda _cells, batch: self.scorer.score(batch),
+            cells,
+            images,
+            device=getattr(self.scorer, "device", None),
+            on_halve=lower_batch_size,
+            single_patch_advice="free the GPU of other processes or run on another device",
+        )
 
     def _read(self, cells: list[tuple[int, int]]) -> NDArray[np.uint8]:
         from napari_anopilad.slide import read_patches
