@@ -1,8 +1,9 @@
-"""The analysis dock with a comparison bundle: a tiny MemAE bundle on a real viewer and the CMU slide.
+"""The analysis dock with comparison bundles: tiny random-weight bundles on a real viewer and the CMU slide.
 
-The dock disables the AnoPILaD-only controls and triage, lists MemAE's scores, analyses the region in
-view and shows the reconstruction in the inspector. Switching to the AnoPILaD demo bundle restores the
-form, and folders that are not bundles give a message in the dock instead of an exception.
+With MemAE, the dock disables the AnoPILaD-only controls and triage, lists MemAE's scores, analyses the
+region in view and shows the reconstruction in the inspector. Switching to the AnoPILaD demo bundle
+restores the form, and folders that are not bundles give a message in the dock instead of an exception.
+A run's end that waits in Qt's queue behind its batches still leaves the final status line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from napari_anopilad.method.baselines.autoencoders import AutoencoderConfig, build_network, default_settings
-from napari_anopilad.method.baselines.base import save_baseline_bundle
+from napari_anopilad.method.baselines.base import BaselineSettings, save_baseline_bundle
+from napari_anopilad.method.baselines.vae_density import ConvVAE, VaeConfig
 from napari_anopilad.widgets.layers import cells_in_box, viewer_camera, visible_box_level0
 
 # The 2x2 erosion written as a plain loop, and a canvas click through napari's own mouse dispatch.
@@ -36,6 +38,21 @@ def make_memae_bundle(folder: Path) -> Path:
     network = build_network("memae", config)
     return save_baseline_bundle(
         folder, "memae", config.to_dict(), {"model": network.state_dict()}, default_settings("memae")
+    )
+
+
+def make_vae_density_bundle(folder: Path) -> Path:
+    """Write a VAE density bundle with two tiny random VAEs and few importance samples and Regret steps."""
+    config = VaeConfig(latent_dim=8, channels=(4, 8, 8, 8))
+    torch.manual_seed(0)
+    model, background = ConvVAE(config), ConvVAE(config)
+    options = {"importance_samples": 2, "regret_steps": 2, "regret_learning_rate": 0.05, "compressor": "png"}
+    return save_baseline_bundle(
+        folder,
+        "vae-density",
+        config.to_dict(),
+        {"model": model.state_dict(), "background": background.state_dict()},
+        BaselineSettings(method="vae-density", score="nll", options=options),
     )
 
 
@@ -217,3 +234,29 @@ def test_worker_rejects_triage_for_memae(cmu_slide_path: Path, tmp_path: Path) -
     )
     with pytest.raises(ValueError, match=r"Triage first needs an AnoPILaD bundle .* is a MemAE bundle"):
         next(analysis_worker(request, AnalysisControl(), ModelCache()))
+
+
+def test_status_after_queued_run_end(dock_viewer, qtbot, tmp_path: Path) -> None:
+    """The run's end is handled after its last batch even when both wait in Qt's queue together.
+
+    napari's progress bar processes pending Qt events when it is created or updated, so the end of the
+    run can be handled inside the handler of an earlier message. Blocking the GUI thread until the
+    worker thread is done queues every message and the end together, the worst case.
+    """
+    from qtpy.QtCore import QThreadPool
+
+    viewer, slide_layer, widget, _ = dock_viewer
+    load_bundle_in_dock(qtbot, widget, make_vae_density_bundle(tmp_path / "vae-density-bundle"))
+
+    box = visible_box_level0(viewer, slide_layer.level_shapes[0][:2])
+    widget.start_analysis(whole_slide=False)
+    assert QThreadPool.globalInstance().waitForDone(TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    qtbot.wait(100)
+
+    grid = widget.prepared.grid
+    expected = cells_in_box(box, grid.patch_size_level0, grid.shape, grid.tissue_cells())
+    assert len(widget.accumulator) == len(expected)
+    assert widget.status_label.text().startswith(f"Finished: {len(expected)} patches")
+    assert widget.progress_bar is None
+    assert widget.visible_button.isEnabled()

@@ -20,7 +20,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Generator
+from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,9 @@ class AnalysisWidget(QWidget):
         self.applicable_settings: set[str] = set()
         self.triage_layer: Any = None
         self.triage_ready: TriageReady | None = None
+        # Handlers of the worker's messages and of the run's end, waiting to run in order.
+        self._pending_handlers: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._handling_messages = False
 
         self._build_form()
         self.applicable_settings = set(self.setting_controls())
@@ -784,9 +788,9 @@ class AnalysisWidget(QWidget):
             self.triage_ready = None
         self.control = AnalysisControl()
         worker = thread_worker(analysis_worker, start_thread=False)(request, self.control, self.models)
-        worker.yielded.connect(self._on_message)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.yielded.connect(lambda message: self._handle_in_order(self._on_message, message))
+        worker.errored.connect(lambda error: self._handle_in_order(self._on_error, error))
+        worker.finished.connect(lambda: self._handle_in_order(self._on_finished))
         self.worker = worker
         self._set_running(not request.load_only)
         self.status_label.setText("Reading the slide's tissue and the stored results...")
@@ -806,6 +810,30 @@ class AnalysisWidget(QWidget):
         self.stop_button.setEnabled(running or self.follow_view)
 
     # -- messages on the GUI thread --------------------------------------------------------------
+
+    def _handle_in_order(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run ``handler(*args)`` for a worker signal once the handlers of earlier signals have finished.
+
+        napari's progress bar and layer controls process pending Qt events inside their own calls. Without
+        this queue, the next message or the end of the run would be handled in the middle of an earlier
+        message's handler, and the earlier handler would then overwrite the final status line.
+        """
+        self._pending_handlers.append((handler, args))
+        self._run_pending_handlers()
+
+    def _run_pending_handlers(self) -> None:
+        if self._handling_messages:
+            return
+        self._handling_messages = True
+        try:
+            while self._pending_handlers:
+                handler, args = self._pending_handlers.popleft()
+                handler(*args)
+        finally:
+            self._handling_messages = False
+            if self._pending_handlers:
+                # A handler raised: Qt reports the exception, and the later handlers still run.
+                QTimer.singleShot(0, self._run_pending_handlers)
 
     def _on_message(self, message: Any) -> None:
         from napari_anopilad.engine.triage_pass import TriageBatch
