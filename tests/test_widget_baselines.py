@@ -3,7 +3,8 @@
 With MemAE, the dock disables the AnoPILaD-only controls and triage, lists MemAE's scores, analyses the
 region in view and shows the reconstruction in the inspector. Switching to the AnoPILaD demo bundle
 restores the form, and folders that are not bundles give a message in the dock instead of an exception.
-A run's end that waits in Qt's queue behind its batches still leaves the final status line.
+AnoDDPM keeps the start timestep and sampler, and the dock's values reach its scorer. VAE density makes
+no reconstructions, so the dock and the inspector run without any.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from napari_anopilad.method.baselines.anoddpm import check_options
 from napari_anopilad.method.baselines.autoencoders import AutoencoderConfig, build_network, default_settings
 from napari_anopilad.method.baselines.base import BaselineSettings, save_baseline_bundle
 from napari_anopilad.method.baselines.vae_density import ConvVAE, VaeConfig
+from napari_anopilad.method.perceptual import build_backbone_features
+from napari_anopilad.training.anoddpm_train import scheduler_config, unet_config
 from napari_anopilad.widgets.layers import cells_in_box, viewer_camera, visible_box_level0
 
 # The 2x2 erosion written as a plain loop, and a canvas click through napari's own mouse dispatch.
@@ -38,6 +42,27 @@ def make_memae_bundle(folder: Path) -> Path:
     network = build_network("memae", config)
     return save_baseline_bundle(
         folder, "memae", config.to_dict(), {"model": network.state_dict()}, default_settings("memae")
+    )
+
+
+def make_anoddpm_bundle(folder: Path) -> Path:
+    """Write an AnoDDPM bundle with a tiny random UNet, a random AlexNet LPIPS backbone and few steps."""
+    from diffusers import UNet2DModel
+
+    unet = unet_config([8, 16], 1, [], 4, mid_attention=False)
+    torch.manual_seed(0)
+    network = UNet2DModel(**unet)
+    backbone = build_backbone_features("alex")
+    options = check_options(
+        {"start_timestep": 150, "num_inference_steps": 10, "sampler": "ddim", "noise": "gaussian"}
+    )
+    model = {"unet": unet, "scheduler": scheduler_config(), "lpips": {"net": "alex"}}
+    return save_baseline_bundle(
+        folder,
+        "anoddpm",
+        model,
+        {"model": network.state_dict(), "lpips": backbone.state_dict()},
+        BaselineSettings(method="anoddpm", score="mse", options=options),
     )
 
 
@@ -234,6 +259,161 @@ def test_worker_rejects_triage_for_memae(cmu_slide_path: Path, tmp_path: Path) -
     )
     with pytest.raises(ValueError, match=r"Triage first needs an AnoPILaD bundle .* is a MemAE bundle"):
         next(analysis_worker(request, AnalysisControl(), ModelCache()))
+
+
+def analyse_visible_region(qtbot, viewer, slide_layer, widget) -> np.ndarray:
+    """Analyse the region in view, wait for the run to finish and return the tissue cells it covers."""
+    box = visible_box_level0(viewer, slide_layer.level_shapes[0][:2])
+    widget.start_analysis(whole_slide=False)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    grid = widget.prepared.grid
+    return cells_in_box(box, grid.patch_size_level0, grid.shape, grid.tissue_cells())
+
+
+def click_patch(qtbot, viewer, inspector, analysis, cell: tuple[int, int]) -> None:
+    """Click the centre of a patch through napari's mouse callbacks and wait until the inspector shows it."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+    row, col = cell
+    size = analysis.patch_size_level0
+    world_position = ((row + 0.5) * size - 0.5, (col + 0.5) * size - 0.5)
+    press = read_only_mouse_event(type="mouse_press", button=1, position=world_position)
+    release = read_only_mouse_event(type="mouse_release", button=1, position=world_position)
+    mouse_press_callbacks(viewer, press)
+    mouse_release_callbacks(viewer, release)
+    qtbot.waitUntil(lambda: inspector.current_cell == (row, col), timeout=10_000)
+
+
+def test_anoddpm_bundle_in_dock(dock_viewer, qtbot, tmp_path: Path) -> None:
+    from napari_anopilad.method.scorers import load_any_bundle, make_scorer
+    from napari_anopilad.slide import read_patches
+    from napari_anopilad.widgets.model import analyses_for
+
+    viewer, slide_layer, widget, inspector = dock_viewer
+    folder = make_anoddpm_bundle(tmp_path / "anoddpm-bundle")
+
+    # 1. AnoDDPM uses the start timestep and sampler, filled in from its bundle, but not the guidance scale.
+    load_bundle_in_dock(qtbot, widget, folder)
+    assert widget.form_method == "anoddpm"
+    assert widget.start_timestep.isEnabled()
+    assert widget.sampler_choice.isEnabled()
+    assert not widget.guidance_scale.isEnabled()
+    assert widget.guidance_scale.toolTip() == "The AnoDDPM method does not use this setting"
+    assert widget.start_timestep.value() == 150
+    assert widget.sampler_choice.currentText() == "ddim"
+    scores = [widget.score_choice.itemText(index) for index in range(widget.score_choice.count())]
+    assert scores == ["mse", "lpips"]
+    assert widget.save_reconstructions.isEnabled()
+    assert not widget.triage_check.isEnabled()
+
+    # 2. A start timestep and sampler changed in the dock reach the scorer's settings.
+    widget.start_timestep.setValue(250)
+    widget.sampler_choice.setCurrentText("plms")
+    widget.score_choice.setCurrentText("lpips")
+    assert widget.settings_overrides() == {"start_timestep": 250, "sampler": "plms", "score": "lpips"}
+    expected = analyse_visible_region(qtbot, viewer, slide_layer, widget)
+    assert 1 <= len(expected) <= 12
+    prepared = widget.prepared
+    assert prepared.settings.method == "anoddpm"
+    assert prepared.settings.score == "lpips"
+    assert prepared.settings.options["start_timestep"] == 250
+    assert prepared.settings.options["sampler"] == "plms"
+    assert prepared.settings.options["num_inference_steps"] == 10
+    scorer = widget.models.scorer(folder, prepared.bundle, "cpu", prepared.settings)
+    assert scorer.options["start_timestep"] == 250
+    assert scorer.options["sampler"] == "plms"
+
+    # 3. The stored scores match a direct scorer call under the same settings on the same patches.
+    analysis = analyses_for(viewer).current
+    assert analysis is not None and analysis.method == "anoddpm"
+    stored = analysis.store.load()
+    assert len(stored) == len(expected)
+    cells = np.stack([stored.rows, stored.cols], axis=1)
+    patches = read_patches(prepared.slide, prepared.grid, cells)
+    keys = [(prepared.slide.identity, int(row), int(col)) for row, col in cells]
+    bundle = load_any_bundle(folder)
+    direct = make_scorer(bundle, "cpu", prepared.settings).score(patches, keys)
+    for name in ("mse", "lpips"):
+        np.testing.assert_allclose(stored.scores(name), direct.values(name), rtol=1e-4, atol=1e-6)
+    # The bundle's own start timestep and sampler give other scores, so the comparison above can fail.
+    bundle_default = make_scorer(bundle, "cpu").score(patches, keys)
+    assert not np.allclose(stored.scores("mse"), bundle_default.values("mse"), rtol=1e-4, atol=1e-6)
+
+    # 4. The inspector reconstructs under the dock's settings: the patch keeps its stored score.
+    row, col = (int(value) for value in cells[0])
+    click_and_wait_for_reconstruction(qtbot, viewer, inspector, analysis, (row, col))
+    assert inspector.current_images["reconstruction"].shape == (256, 256, 3)
+    rescored = analysis.store.load()
+    index = int(np.flatnonzero((rescored.rows == row) & (rescored.cols == col))[0])
+    assert rescored.scores("lpips")[index] == pytest.approx(float(stored.scores("lpips")[0]), rel=1e-4)
+
+
+def test_vae_density_bundle_in_dock(dock_viewer, qtbot, tmp_path: Path) -> None:
+    from napari_anopilad.method.heatmap import within_slide_stats
+    from napari_anopilad.widgets.model import analyses_for
+
+    viewer, slide_layer, widget, inspector = dock_viewer
+    folder = make_vae_density_bundle(tmp_path / "vae-density-bundle")
+
+    # 1. VAE density makes no reconstructions: "Store reconstructions" is cleared and disabled.
+    widget.save_reconstructions.setChecked(True)
+    load_bundle_in_dock(qtbot, widget, folder)
+    assert widget.form_method == "vae-density"
+    assert not widget.save_reconstructions.isEnabled()
+    assert not widget.save_reconstructions.isChecked()
+    assert "without reconstructing" in widget.save_reconstructions.toolTip()
+    for name, control in widget.setting_controls().items():
+        assert not control.isEnabled(), name
+    scores = [widget.score_choice.itemText(index) for index in range(widget.score_choice.count())]
+    assert scores == ["nll", "regret", "likelihood_ratio", "complexity"]
+    assert widget.settings_overrides() == {"score": "nll"}
+
+    # 2. The region in view is analysed to the end, with a score other than the default.
+    widget.score_choice.setCurrentText("likelihood_ratio")
+    expected = analyse_visible_region(qtbot, viewer, slide_layer, widget)
+    assert 1 <= len(expected) <= 12
+    assert widget.request is not None and not widget.request.save_reconstructions
+    assert widget.status_label.text().startswith(f"Finished: {len(expected)} patches")
+    assert "VAE density" in widget.status_label.text()
+    analysis = analyses_for(viewer).current
+    assert analysis is not None
+    assert analysis.method == "vae-density"
+    assert not analysis.can_reconstruct()
+
+    # 3. The heatmap contains the eroded within-slide z-scores of the stored likelihood ratios.
+    grid = widget.prepared.grid
+    stored = analysis.store.load()
+    assert len(stored) == len(expected)
+    assert sorted(stored.score_names) == ["complexity", "likelihood_ratio", "nll", "regret"]
+    assert not stored.has_reconstruction.any()
+    ratio = stored.scores("likelihood_ratio")
+    assert np.all(np.isfinite(ratio))
+    mean, std = within_slide_stats(ratio)
+    assert std > 0
+    z_grid = np.full(grid.shape, np.nan)
+    z_grid[stored.rows, stored.cols] = (ratio - mean) / std
+    np.testing.assert_allclose(analysis.z_grid, z_grid, rtol=1e-5, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        analysis.heatmap_layer.data, reference_eroded(z_grid), rtol=1e-5, atol=1e-5, equal_nan=True
+    )
+
+    # 4. A click shows the patch and its scores, with no reconstruction and no exception in a Qt slot.
+    row, col = int(stored.rows[0]), int(stored.cols[0])
+    click_patch(qtbot, viewer, inspector, analysis, (row, col))
+    record = analysis.patch_record(row, col)
+    assert record is not None
+    assert inspector.current_images["original"].shape == (256, 256, 3)
+    assert "reconstruction" not in inspector.current_images
+    assert "difference" not in inspector.current_images
+    assert inspector.image_labels["reconstruction"].text() == "none: VAE density does not reconstruct"
+    assert inspector.prompt_label.text() == "no prompt: VAE density"
+    assert inspector.lpips_label.text() == "-"
+    other_scores = inspector.other_scores_label.text()
+    for name in ("nll", "regret", "likelihood_ratio", "complexity"):
+        assert f"{name} {record['scores'][name]:.4g}" in other_scores, name
+    assert inspector.z_label.text() == f"{record['z']:+.2f} ({record['z_eroded']:+.2f})"
+    assert analysis.store.read_reconstruction(row, col) is None
 
 
 def test_status_after_queued_run_end(dock_viewer, qtbot, tmp_path: Path) -> None:

@@ -904,7 +904,7 @@ class AnalysisWidget(QWidget):
         return text
 
     def _on_prepared(self, prepared: Prepared) -> None:
-        from napari_anopilad.method.scorers import method_of
+        from napari_anopilad.method.scorers import method_of, reconstructs
 
         self.prepared = prepared
         method = method_of(prepared.bundle)
@@ -926,6 +926,7 @@ class AnalysisWidget(QWidget):
         assert analysis is not None
         analysis.store = prepared.store
         analysis.demo = bool(getattr(prepared.bundle, "demo", False))
+        analysis.reconstructs = reconstructs(prepared.bundle)
         analysis.reconstructor = self._make_reconstructor(prepared)
         self.demo_label.setVisible(analysis.demo)
         self.accumulator = PatchAccumulator(prepared.stored)

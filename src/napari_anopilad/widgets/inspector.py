@@ -277,6 +277,10 @@ class InspectorWidget(QWidget):
         reconstruction = analysis.stored_reconstruction(row, col)
         if reconstruction is not None:
             self._show_reconstruction(row, col, original, reconstruction)
+        elif not analysis.reconstructs:
+            self.image_labels["reconstruction"].setText(
+                f"none: {method_label(analysis.method)} does not reconstruct"
+            )
         elif analysis.can_reconstruct():
             self._start_reconstruction(row, col, original)
         else:

@@ -119,6 +119,8 @@ class SlideAnalysis:
         # Set by the analysis widget once a bundle is loaded.
         self.store: Any = None
         self.reconstructor: Callable[[int, int, NDArray[np.uint8]], NDArray[np.uint8]] | None = None
+        # False for a method that scores patches without reconstructing them, such as VAE density.
+        self.reconstructs = True
         self.patch_size_level0 = int(grid.patch_size_level0)
         self.grid_shape = (int(grid.shape[0]), int(grid.shape[1]))
         self.threshold = 0.0
