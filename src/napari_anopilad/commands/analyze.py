@@ -36,6 +36,7 @@ from napari_anopilad.engine.triage_pass import (
     TRIAGE_SCORE_NAMES,
     TriageSettings,
     check_budget,
+    check_triage_method,
 )
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "AnalysisOutputs",
     "add_analysis_arguments",
     "add_parser",
+    "add_triage_arguments",
     "analyze",
     "cells_in_region",
+    "parse_triage_settings",
     "patch_records",
     "print_summary",
     "select_cells",
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=_setting_overrides(args),
             store_root=args.store,
             allow_download=args.allow_download,
-            triage=_triage_settings(args),
+            triage=parse_triage_settings(args),
         )
     except OutOfMemoryAtBatchSizeOne as error:
         # The finished batches are in the result store, so the same command resumes after the fix.
@@ -271,7 +274,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _triage_settings(args: argparse.Namespace) -> TriageSettings | None:
+def parse_triage_settings(args: argparse.Namespace) -> TriageSettings | None:
+    """Return the triage settings of ``--triage`` and its options, or None without ``--triage``.
+
+    Raises CommandError naming the flags for triage options given without ``--triage`` and for an
+    invalid budget or neighbour radius.
+    """
     options = {
         "--triage-budget": getattr(args, "triage_budget", None),
         "--triage-neighbours": getattr(args, "triage_neighbours", None),
@@ -456,7 +464,6 @@ def analyze(
     from napari_anopilad.engine.session import AnalysisSession
     from napari_anopilad.engine.store import ResultStore, grid_description
     from napari_anopilad.method.scorers import (
-        ANOPILAD,
         load_any_bundle,
         make_scorer,
         method_label,
@@ -488,10 +495,8 @@ def analyze(
         raise CommandError(
             f"--score {settings.score} is not a {method} score: use one of {', '.join(score_names(bundle))}"
         )
-    if triage is not None and method != ANOPILAD:
-        raise CommandError(
-            f"--triage needs an AnoPILaD bundle with a triage reference; {bundle_folder} is a {method} bundle"
-        )
+    if triage is not None:
+        check_triage_method(method, bundle_folder)
     if save_reconstructions and not reconstructs(bundle):
         raise CommandError(
             f"--save-reconstructions: the {method_label(method)} method of {bundle_folder} scores likelihoods "
@@ -606,12 +611,11 @@ def _run_triage(
     """Run the triage pass over ``cells`` and return its map, the diffusion plan and the patches computed."""
     from tqdm import tqdm
 
-    from napari_anopilad.engine.triage_pass import open_triage_store, run_triage_pass
+    from napari_anopilad.engine.triage_pass import run_slide_triage
     from napari_anopilad.method.triage import TriageScorer
 
     logger.info("Triage on %s with %s", torch_device, triage)
     scorer = TriageScorer(bundle, str(torch_device), k=triage.k)
-    triage_store = open_triage_store(store_root, slide, bundle, scorer, grid)
     with tqdm(total=len(cells), unit="patch", desc="triage", disable=not progress, dynamic_ncols=True) as bar:
 
         def report(batch: Any) -> None:
@@ -619,8 +623,16 @@ def _run_triage(
             bar.set_postfix(patches_per_s=f"{batch.patches_per_s:.1f}")
             bar.refresh()
 
-        return run_triage_pass(
-            slide, grid, scorer, triage_store, cells, settings=triage, threshold=threshold, on_batch=report
+        return run_slide_triage(
+            store_root,
+            slide,
+            grid,
+            bundle,
+            scorer,
+            cells,
+            settings=triage,
+            threshold=threshold,
+            on_batch=report,
         )
 
 

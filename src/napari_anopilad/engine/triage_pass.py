@@ -807,3 +807,36 @@ def run_triage_pass(
     results = compute_triage_results(store, grid, settings.score, cells=cells, threshold=threshold)
     plan = plan_diffusion(results, cells, settings.budget_fraction, settings.neighbour_radius)
     return results, plan, n_computed
+
+
+def check_triage_method(method: str, bundle_folder: str | os.PathLike[str]) -> None:
+    """Raise ValueError unless ``method`` is AnoPILaD, the only method whose bundles carry a triage reference."""
+    from napari_anopilad.method.scorers import ANOPILAD
+
+    if method != ANOPILAD:
+        raise ValueError(
+            f"--triage needs an AnoPILaD bundle with a triage reference; {bundle_folder} is a {method} bundle"
+        )
+
+
+def run_slide_triage(
+    store_root: str | os.PathLike[str],
+    slide: Any,
+    grid: Any,
+    bundle: Any,
+    scorer: Any,
+    cells: NDArray[np.integer],
+    *,
+    settings: TriageSettings,
+    threshold: float = 0.0,
+    on_batch: Callable[[TriageBatch], None] | None = None,
+) -> tuple[TriageResults, TriagePlan, int]:
+    """Open the slide's triage store under ``store_root`` and run :func:`run_triage_pass` over ``cells``.
+
+    ``anopilad analyze`` and the cohort's prepare-slide task both call this, so a slide gets the same
+    triage store folder, map and plan from either.
+    """
+    store = open_triage_store(store_root, slide, bundle, scorer, grid)
+    return run_triage_pass(
+        slide, grid, scorer, store, cells, settings=settings, threshold=threshold, on_batch=on_batch
+    )
