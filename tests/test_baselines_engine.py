@@ -190,6 +190,11 @@ def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_pat
     assert "memae bundle" in error
     assert not (tmp_path / "out").exists()
 
+    # --triage needs an AnoPILaD bundle, which bundle.json shows before any cluster starts.
+    assert main([*args, "--triage"]) == 2
+    assert "--triage needs an AnoPILaD bundle" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
     # A score the method lacks stops the command before any cluster starts, too.
     assert main([*args, "--score", "lpips"]) == 2
     assert "--score lpips is not a memae score: use one of mse, l1" in capsys.readouterr().err

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from napari_anopilad.cli import CommandError
-from napari_anopilad.commands.analyze import DEMO_WARNING, add_analysis_arguments
+from napari_anopilad.commands.analyze import (
+    DEMO_WARNING,
+    add_analysis_arguments,
+    add_triage_arguments,
+    parse_triage_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
 
     add_analysis_arguments(parser)
+    add_triage_arguments(parser)
     for action in parser._actions:
         # The shared options describe one slide's store; a cohort keeps one store per slide by default.
         if action.dest == "store":
@@ -134,8 +140,9 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
             "(anopilad make-demo-bundle DIR makes a demo one)"
         )
 
+    triage = parse_triage_settings(args)
     if args.scheduler is None:
-        _check_method_settings(args.bundle, _setting_overrides(args))
+        _check_method_settings(args.bundle, _setting_overrides(args), triage=triage is not None)
 
     absolute = [path.expanduser().absolute() for path in paths]
     slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
@@ -152,17 +159,19 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         region_level0=tuple(args.region) if args.region else None,
         max_patches=args.max_patches,
         save_reconstructions=args.save_reconstructions,
+        triage=triage,
     )
     return slides, options
 
 
-def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any]) -> None:
+def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any], triage: bool = False) -> None:
     """Check the setting flags against the bundle's method before a cluster starts.
 
-    AnoPILaD's own flags on a comparison method's bundle, and a ``--score`` the method lacks, raise
-    CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
+    AnoPILaD's own flags on a comparison method's bundle, ``--triage`` with one, and a ``--score`` the
+    method lacks raise CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
     """
     from napari_anopilad.commands.analyze import SETTING_FLAGS
+    from napari_anopilad.engine.triage_pass import check_triage_method
     from napari_anopilad.method.baselines.base import bundle_method, scorer_class_for
     from napari_anopilad.method.errors import BundleError
     from napari_anopilad.method.scorers import ANOPILAD
@@ -173,6 +182,11 @@ def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any]) -> No
         names = SCORES if method == ANOPILAD else scorer_class_for(method).score_names
     except BundleError as error:
         raise CommandError(str(error)) from error
+    if triage:
+        try:
+            check_triage_method(method, bundle_folder)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     score = overrides.get("score")
     if score is not None and score not in names:
         raise CommandError(f"--score {score} is not a {method} score: use one of {', '.join(names)}")
@@ -274,7 +288,10 @@ def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool 
                 return
             if outcome.status == STATUS_OK:
                 z_99 = "n/a" if outcome.z_99 is None else f"{outcome.z_99:.3f}"
-                bar.write(f"done    {outcome.slide.name}: Z_99 {z_99}, {outcome.n_patches} patches")
+                line = f"done    {outcome.slide.name}: Z_99 {z_99}, {outcome.n_patches} patches"
+                if outcome.triage_scorer:
+                    line += f" ({outcome.n_computed} computed; triage pass: {outcome.n_triage_computed} computed)"
+                bar.write(line)
             else:
                 bar.write(f"FAILED  {outcome.slide.name}: {outcome.error}")
 
@@ -287,10 +304,14 @@ def summary_line(outcome: Any) -> str:
         return f"  {outcome.slide.name:<32} failed: {outcome.error}"
     z_max = "n/a" if outcome.z_max is None else f"{outcome.z_max:8.3f}"
     z_99 = "n/a" if outcome.z_99 is None else f"{outcome.z_99:8.3f}"
-    return (
+    line = (
         f"  {outcome.slide.name:<32} Z_99 {z_99}  Z_max {z_max}  anomaly {outcome.anomaly_area_mm2:.4f} mm^2  "
         f"{outcome.n_patches} patches"
     )
+    if outcome.triage_scorer:
+        triage_z_99 = "n/a" if outcome.triage_z_99 is None else f"{outcome.triage_z_99:.3f}"
+        line += f" of {outcome.n_tissue_patches}, triage Z_99 {triage_z_99}"
+    return line
 
 
 def print_cohort_summary(outcomes: list[Any], table: Path) -> None:

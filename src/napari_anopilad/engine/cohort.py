@@ -3,12 +3,14 @@
 The work of one slide is three kinds of task:
 
 1. ``prepare_slide`` opens the slide, builds its tissue mask and patch grid, opens its result store
-   and splits the cells the store does not hold yet into blocks.
+   and splits the cells the store does not hold yet into blocks. With triage it first runs the triage
+   pass over the cells, and the blocks hold only the diffusion plan's cells, highest triage z first.
 2. ``score_block`` scores one block of cells with an :class:`AnalysisSession` into the same result
    store that ``anopilad analyze`` writes (same folder keys), one atomic batch file at a time. It
    skips cells the store already holds, so a block that dask runs again after its worker died
    recomputes only the batch that was in flight.
-3. ``finish_slide`` computes the slide results from the store and writes the slide's output files.
+3. ``finish_slide`` computes the slide results from the store and writes the slide's output files
+   (with the triage map and plan when there is one).
 
 Each task catches its own errors and returns a status, so a corrupt slide fails alone. A worker
 process loads the bundle and builds the scorer once and keeps them for later tasks.
@@ -29,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from napari_anopilad.engine.triage_pass import TriageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ class CohortOptions:
         Analyse only the first this many tissue cells of every slide (row-major order), for quick looks.
     save_reconstructions : bool
         Store each patch's reconstruction and write the original/reconstruction PNG pairs.
+    triage : TriageSettings or None
+        Run the triage pass over every slide's cells first and score only its diffusion plan's cells
+        (``anopilad analyze --triage``); None scores every cell.
     """
 
     bundle: Path
@@ -102,6 +109,7 @@ class CohortOptions:
     region_level0: tuple[int, int, int, int] | None = None
     max_patches: int | None = None
     save_reconstructions: bool = False
+    triage: TriageSettings | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
@@ -139,13 +147,21 @@ class SlidePlan:
     grid : PatchGrid or None
         The slide's patch grid.
     cells : ndarray of int64, shape (n, 2)
-        ``(row, col)`` of the cells to analyse.
+        ``(row, col)`` of the cells to analyse: the tissue cells, of the region when one is given.
     blocks : list of ndarray
-        The cells the store lacked when planned, split into blocks of at most ``block_size``.
+        The target cells the store lacked when planned, in the target's order, split into blocks of at
+        most ``block_size``.
     store_folder : str
         The result store folder, the key that lets two slides with the same content share blocks.
     n_reused : int
-        Cells the store already held.
+        Target cells the store already held.
+    triage : TriageResults or None
+        The triage map of ``cells``, when the cohort runs with triage.
+    triage_plan : TriagePlan or None
+        The diffusion plan the triage map gave. Its ``priority`` cells (highest triage z first) are the
+        target cells that AnoPILaD scores.
+    n_triage_computed : int
+        Cells the triage pass scored in this task (the rest came from the triage store).
     """
 
     slide: CohortSlide
@@ -157,10 +173,20 @@ class SlidePlan:
     blocks: list[NDArray[np.int64]] = field(default_factory=list)
     store_folder: str = ""
     n_reused: int = 0
+    triage: Any = None
+    triage_plan: Any = None
+    n_triage_computed: int = 0
 
     @property
     def n_patches(self) -> int:
         return int(self.cells.shape[0])
+
+    @property
+    def target_cells(self) -> NDArray[np.int64]:
+        """The cells AnoPILaD scores: the triage plan's budget, highest triage z first, or all ``cells``."""
+        if self.triage_plan is None:
+            return self.cells
+        return np.asarray(self.triage_plan.priority, dtype=np.int64).reshape(-1, 2)
 
 
 @dataclass(frozen=True)
@@ -189,11 +215,21 @@ class SlideOutcome:
     anomaly_area_mm2 : float or None
         Area of the cells whose eroded z-score exceeds the threshold, in mm^2 at level-0 mpp.
     n_anomalous_patches, n_patches, n_computed : int
-        Cells over the threshold, cells analysed, and cells this run computed (the rest were reused).
+        Cells over the threshold, cells with an AnoPILaD score, and cells this run computed (the rest
+        were reused).
     z_source : str
         ``"calibration"`` or ``"within-slide"``.
     files : dict of str to Path
         The output files written.
+    n_tissue_patches : int
+        Tissue cells of the slide, of the region when one is given: the denominator of the coverage in
+        slide.json.
+    triage_scorer : str
+        ``"triage:<score>"`` when the cohort ran with triage, empty otherwise.
+    triage_z_max, triage_z_99 : float or None
+        The triage map's slide scores.
+    n_triage_computed : int
+        Cells the triage pass scored in this run.
     """
 
     slide: CohortSlide
@@ -207,6 +243,16 @@ class SlideOutcome:
     n_computed: int = 0
     z_source: str = ""
     files: dict[str, Path] = field(default_factory=dict)
+    n_tissue_patches: int = 0
+    triage_scorer: str = ""
+    triage_z_max: float | None = None
+    triage_z_99: float | None = None
+    n_triage_computed: int = 0
+
+    @property
+    def coverage(self) -> float | None:
+        """Fraction of the tissue cells with an AnoPILaD score; None when the count is unknown."""
+        return self.n_patches / self.n_tissue_patches if self.n_tissue_patches else None
 
 
 # -- per-process cache of the bundle and scorer ------------------------------------------------
@@ -217,6 +263,9 @@ class _LoadedModel:
     bundle: Any
     settings: Any
     scorer: Any = None
+    # The CONCH triage scorer, built at the first triage task, and the k it was built with.
+    triage_scorer: Any = None
+    triage_k: int | None = None
     # One block at a time uses the scorer, also on workers that run several threads.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -231,8 +280,12 @@ def _model_key(options: CohortOptions) -> tuple[str, str, str]:
     return str(Path(options.bundle).resolve()), overrides, options.device
 
 
-def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
-    """Return this process's bundle, settings and (when asked) scorer for ``options``, loading them once.
+def _load_model(options: CohortOptions, with_scorer: bool, with_triage: bool = False) -> _LoadedModel:
+    """Return this process's bundle, settings and (when asked) scorers for ``options``, loading them once.
+
+    ``with_triage`` builds the triage scorer of ``options.triage``. It raises ValueError for a bundle
+    that is not AnoPILaD's, and TriageReferenceError (a ValueError) for one without a valid triage
+    reference.
 
     The cache keeps one model per process, so a worker that meets another bundle frees the previous
     one's device memory instead of holding both.
@@ -261,6 +314,16 @@ def _load_model(options: CohortOptions, with_scorer: bool) -> _LoadedModel:
             check_precision(device, model.settings.precision)
             model.scorer = make_scorer(model.bundle, str(device), model.settings)
             logger.info("Built the scorer on %s with %s", describe_device(device), model.settings)
+        triage = options.triage
+        if with_triage and triage is not None and (model.triage_scorer is None or model.triage_k != triage.k):
+            from napari_anopilad.engine.device import choose_device
+            from napari_anopilad.engine.triage_pass import check_triage_method
+            from napari_anopilad.method.triage import TriageScorer
+
+            check_triage_method(method_of(model.bundle), options.bundle)
+            model.triage_scorer = TriageScorer(model.bundle, str(choose_device(options.device)), k=triage.k)
+            model.triage_k = triage.k
+            logger.info("Built the triage scorer with %s", triage)
     return model
 
 
@@ -268,15 +331,21 @@ def describe_bundle(options: CohortOptions) -> dict[str, Any]:
     """Load the bundle and build its scorer on a worker; return its identity, demo flag and the run's settings.
 
     The command runs this once before the slides, so a missing or invalid bundle, corrupt weights, a
-    score the method lacks or an unusable device stops the run with one message instead of failing every
-    slide. The worker keeps the scorer for the slides it scores next.
+    score the method lacks, an unusable device or (with triage) a missing triage reference stops the run
+    with one message instead of failing every slide. The worker keeps the scorers for the slides it
+    scores next.
     """
-    model = _load_model(options, with_scorer=True)
-    return {
+    # The triage scorer first: it is the quicker to build, so a missing reference fails fast.
+    model = _load_model(options, with_scorer=False, with_triage=True)
+    model = _load_model(options, with_scorer=True, with_triage=True)
+    description = {
         "identity": model.bundle.identity,
         "demo": bool(model.bundle.demo),
         "settings": model.settings.to_dict(),
     }
+    if model.triage_scorer is not None:
+        description["triage_reference"] = model.triage_scorer.reference.identity
+    return description
 
 
 # -- the three tasks ---------------------------------------------------------------------------
@@ -366,9 +435,17 @@ def prepare_slide(slide: CohortSlide, options: CohortOptions) -> SlidePlan:
                 raise ValueError(f"{slide.path}: no tissue patch {where}; check that it is a tissue section")
             plan = SlidePlan(slide=slide, status=STATUS_OK, mpp_override=mpp_override, grid=grid, cells=cells)
             store = _open_store(options, plan, opened, model)
+            triage = triage_plan = None
+            n_triage_computed = 0
+            target = cells
+            if options.triage is not None:
+                triage, triage_plan, n_triage_computed = _run_triage(options, opened, grid, cells, store.root)
+                target = triage_plan.priority
 
         done = store.done_cells(need_reconstructions=options.save_reconstructions)
-        remaining = np.array([cell for cell in cells.tolist() if tuple(cell) not in done], dtype=np.int64)
+        # The blocks keep the target's order, and a session scores its cells in the order given, so a
+        # triage budget is scored highest triage z-score first.
+        remaining = np.array([cell for cell in target.tolist() if tuple(cell) not in done], dtype=np.int64)
         remaining = remaining.reshape(-1, 2)
         blocks = [
             remaining[start : start + options.block_size]
@@ -382,11 +459,35 @@ def prepare_slide(slide: CohortSlide, options: CohortOptions) -> SlidePlan:
             cells=cells,
             blocks=blocks,
             store_folder=str(store.folder),
-            n_reused=len(cells) - len(remaining),
+            n_reused=len(target) - len(remaining),
+            triage=triage,
+            triage_plan=triage_plan,
+            n_triage_computed=n_triage_computed,
         )
     except Exception as error:
         _log_failure("plan the slide", slide.path, error)
         return SlidePlan(slide=slide, status=STATUS_FAILED, error=_error_text(error))
+
+
+def _run_triage(
+    options: CohortOptions, slide: Any, grid: Any, cells: NDArray[np.int64], store_root: Path
+) -> tuple[Any, Any, int]:
+    """Run the triage pass over ``cells`` into the triage store under ``store_root``; return map, plan and count."""
+    from napari_anopilad.engine.triage_pass import run_slide_triage
+
+    assert options.triage is not None
+    model = _load_model(options, with_scorer=False, with_triage=True)
+    with model.lock:
+        return run_slide_triage(
+            store_root,
+            slide,
+            grid,
+            model.bundle,
+            model.triage_scorer,
+            cells,
+            settings=options.triage,
+            threshold=options.threshold,
+        )
 
 
 def score_block(plan: SlidePlan, cells: NDArray[np.int64], options: CohortOptions) -> BlockOutcome:
@@ -428,7 +529,7 @@ def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: Cohor
     The files are those of ``anopilad analyze`` (:func:`napari_anopilad.engine.outputs.write_outputs`).
     Returns a failed outcome when a block failed or the store lacks cells; never raises for a bad slide.
     """
-    from napari_anopilad.engine.outputs import write_outputs
+    from napari_anopilad.engine.outputs import tissue_cells_of, write_outputs
     from napari_anopilad.engine.results import compute_slide_results
 
     failed = [block for block in blocks if block.status != STATUS_OK]
@@ -443,13 +544,18 @@ def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: Cohor
         out.mkdir(parents=True, exist_ok=True)
         with _open(plan.slide, plan.mpp_override) as slide:
             store = _open_store(options, plan, slide, model)
+            # As in analyze, the results take every stored cell of the slide's cells, so a triage
+            # budget's results also keep cells that an earlier run with a larger budget scored.
             results = compute_slide_results(
                 store, plan.grid, model.bundle, options.threshold, cells=plan.cells, settings=model.settings
             )
-            if results.n_patches < plan.n_patches:
+            done = store.done_cells()
+            target = plan.target_cells
+            n_stored = sum((int(row), int(col)) in done for row, col in target)
+            if n_stored < len(target):
                 raise RuntimeError(
-                    f"the result store {store.folder} contains {results.n_patches} of the slide's "
-                    f"{plan.n_patches} patches; run the cohort again to score the rest"
+                    f"the result store {store.folder} contains {n_stored} of the slide's "
+                    f"{len(target)} patches to score; run the cohort again to score the rest"
                 )
             files = write_outputs(
                 out,
@@ -460,7 +566,10 @@ def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: Cohor
                 bundle=model.bundle,
                 region_level0=options.region_level0,
                 store=store if options.save_reconstructions else None,
+                triage=plan.triage,
+                plan=plan.triage_plan,
             )
+            n_tissue = len(tissue_cells_of(plan.grid, options.region_level0))
             n_anomalous = int(np.count_nonzero(results.mask))
             # The grid needs a known mpp, so the level-0 cell side converts to microns here.
             cell_side_um = float(plan.grid.patch_size_level0) * float(slide.mpp)
@@ -475,6 +584,11 @@ def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: Cohor
             n_computed=n_computed,
             z_source=results.z_source,
             files=files,
+            n_tissue_patches=n_tissue,
+            triage_scorer=plan.triage.scorer_name if plan.triage is not None else "",
+            triage_z_max=plan.triage.z_max if plan.triage is not None else None,
+            triage_z_99=plan.triage.z_99 if plan.triage is not None else None,
+            n_triage_computed=plan.n_triage_computed,
         )
     except Exception as error:
         _log_failure("write the results of", plan.slide.path, error)
@@ -611,7 +725,7 @@ def run_cohort(
             roles[finish.key] = ("finish", index, 0)
             pending.add(finish)
             held.extend([*blocks, finish])
-            progress.n_patches += plan.n_patches
+            progress.n_patches += len(plan.target_cells)
             progress.n_patches_done += plan.n_reused
             if on_progress is not None:
                 on_progress(progress, None)
@@ -660,6 +774,11 @@ COHORT_COLUMNS = (
     "status",
     "error",
     "z_source",
+    "n_tissue_patches",
+    "coverage",
+    "triage_scorer",
+    "triage_z_max",
+    "triage_z_99",
     "path",
 )
 
@@ -704,6 +823,11 @@ def write_cohort_csv(path: str | Path, outcomes: Sequence[SlideOutcome]) -> Path
                 outcome.status,
                 " ".join(outcome.error.split()),
                 outcome.z_source,
+                outcome.n_tissue_patches if outcome.status == STATUS_OK else "",
+                _csv_number(outcome.coverage) if outcome.status == STATUS_OK else "",
+                outcome.triage_scorer,
+                _csv_number(outcome.triage_z_max),
+                _csv_number(outcome.triage_z_99),
                 str(outcome.slide.path),
             ]
         )
