@@ -119,3 +119,119 @@ def test_triage_first_in_dock(
     status = widget.status_label.text()
     assert f"AnoPILaD covers {len(visible | top)} / {len(tissue)} tissue patches" in status
     assert f"triage (triage:knn_distance) {len(tissue)} / {len(tissue)}" in status
+
+
+def open_triage_dock(make_napari_viewer, qtbot, slide_path: Path, bundle_dir: Path) -> tuple:
+    """Open the slide in a new viewer and a new dock with "Triage first" on, viewing the CMU grid's centre."""
+    from napari_anopilad.widgets.analysis import AnalysisWidget
+
+    viewer = make_napari_viewer(show=True)
+    slide_layer = viewer.open(str(slide_path), plugin="napari-anopilad")[0]
+    widget = AnalysisWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Anomaly analysis")
+    widget.device_choice.setCurrentText("cpu")
+    widget.batch_size.setValue(4)
+    widget.set_bundle_folder(bundle_dir)
+    qtbot.waitUntil(lambda: widget.loaded_bundle is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    canvas_height, canvas_width = viewer.window._qt_viewer.canvas.size
+    camera = viewer_camera(viewer)
+    camera.center = VIEW_CENTRE_LEVEL0
+    camera.zoom = max(canvas_height, canvas_width) / (1.5 * 256)
+    qtbot.wait(50)
+    widget.triage_check.setChecked(True)
+    widget.triage_budget.setValue(0.05)
+    widget.triage_neighbours.setValue(0)
+    return viewer, slide_layer, widget
+
+
+def run_recording_triage_layer(
+    widget, viewer, triage_name: str, qtbot
+) -> list[tuple[str, np.ndarray | None]]:
+    """Run the whole slide and return each message's type name with a copy of the triage layer's data then."""
+    messages: list[tuple[str, np.ndarray | None]] = []
+
+    def record(message: object) -> None:
+        data = np.array(viewer.layers[triage_name].data) if triage_name in viewer.layers else None
+        messages.append((type(message).__name__, data))
+
+    widget.start_analysis(whole_slide=True)
+    widget.worker.yielded.connect(record)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=ANALYSIS_TIMEOUT_MS)
+    return messages
+
+
+def test_dock_reuses_stored_triage(
+    make_napari_viewer, qtbot, cmu_slide_path: Path, demo_bundle_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from napari_anopilad.engine.session import BatchResult
+    from napari_anopilad.engine.triage_pass import TriageBatch, compute_triage_results, open_triage_store
+    from napari_anopilad.method.triage import TriageScorer
+    from napari_anopilad.widgets.analysis import TriageReady, TriageStored
+
+    store_root = tmp_path / "store"
+    monkeypatch.setenv("NAPARI_ANOPILAD_STORE", str(store_root))
+    embedded: list[int] = []
+    original_score = TriageScorer.score
+
+    def counting_score(self: TriageScorer, images_uint8: np.ndarray) -> object:
+        embedded.append(len(images_uint8))
+        return original_score(self, images_uint8)
+
+    monkeypatch.setattr(TriageScorer, "score", counting_score)
+
+    # 1. The first dock's run fills the triage store with every tissue patch.
+    _, first_layer, first_widget = open_triage_dock(
+        make_napari_viewer, qtbot, cmu_slide_path, demo_bundle_dir
+    )
+    run_recording_triage_layer(first_widget, first_widget.viewer, f"{first_layer.name} triage", qtbot)
+    prepared = first_widget.prepared
+    grid = prepared.grid
+    tissue = np.asarray(grid.tissue_cells())
+    scorer = first_widget.models.triage_scorer(first_widget.request.bundle_folder, prepared.bundle, "cpu")
+    store = open_triage_store(store_root, prepared.slide, prepared.bundle, scorer, grid)
+    assert len(store.load()) == len(tissue)
+    assert sum(embedded) == len(tissue)
+    batch_files = sorted(path.name for path in store.folder.glob("batch-*.npz"))
+
+    # 2. A new dock on the same store shows the stored map at once and embeds no patch.
+    embedded.clear()
+    viewer, slide_layer, widget = open_triage_dock(make_napari_viewer, qtbot, cmu_slide_path, demo_bundle_dir)
+    triage_name = f"{slide_layer.name} triage"
+    assert triage_name not in viewer.layers
+    messages = run_recording_triage_layer(widget, viewer, triage_name, qtbot)
+    kinds = [kind for kind, _ in messages]
+    assert TriageBatch.__name__ not in kinds
+    assert TriageStored.__name__ not in kinds
+    ready_index = kinds.index(TriageReady.__name__)
+    assert BatchResult.__name__ not in kinds[:ready_index]
+    assert embedded == []
+    assert sorted(path.name for path in store.folder.glob("batch-*.npz")) == batch_files
+    expected = compute_triage_results(store, grid, "knn_distance", cells=tissue)
+    shown_at_ready = messages[ready_index][1]
+    assert shown_at_ready is not None
+    np.testing.assert_allclose(shown_at_ready, expected.heatmap_eroded, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        viewer.layers[triage_name].data, expected.heatmap_eroded, rtol=1e-6, equal_nan=True
+    )
+    assert f"triage (triage:knn_distance) {len(tissue)} / {len(tissue)}" in widget.status_label.text()
+
+    # 3. With half of the tissue cells left in the store, their map shows before the pass scores the rest.
+    full = store.load()
+    half_stored = full.select(tissue[::2])
+    for path in store.folder.glob("batch-*.npz"):
+        path.unlink()
+    store.write_batch(half_stored.cells(), half_stored)
+    expected_partial = compute_triage_results(store, grid, "knn_distance", cells=tissue)
+    assert np.isnan(expected_partial.heatmap_eroded).any()
+    viewer.layers.remove(triage_name)
+    embedded.clear()
+    messages = run_recording_triage_layer(widget, viewer, triage_name, qtbot)
+    kinds = [kind for kind, _ in messages]
+    stored_index = kinds.index(TriageStored.__name__)
+    assert stored_index < kinds.index(TriageBatch.__name__)
+    shown_at_stored = messages[stored_index][1]
+    assert shown_at_stored is not None
+    np.testing.assert_allclose(shown_at_stored, expected_partial.heatmap_eroded, rtol=1e-6, equal_nan=True)
+    assert sum(embedded) == len(tissue) - len(half_stored)
+    assert len(store.load()) == len(tissue)

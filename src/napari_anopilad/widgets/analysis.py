@@ -11,7 +11,8 @@ triage, which needs an AnoPILaD bundle.
 
 With "Triage first", the worker maps every tissue patch with the CONCH triage scorer before the
 diffusion. The triage map becomes its own layer, and the diffusion then scores the patches in view and
-the triage budget, highest triage score first.
+the triage budget, highest triage score first. Scores already in the triage store are reused, so a
+slide with a full store gets its triage map without scoring, and a partial store's map shows first.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class Started:
     device_name: str
     n_total: int
     n_done: int
+
+
+@dataclass
+class TriageStored:
+    """Map of the triage scores stored for some of the tissue patches, shown before the pass scores the others."""
+
+    results: Any
 
 
 @dataclass
@@ -228,8 +236,9 @@ def analysis_worker(
 ) -> Generator[Any, None, None]:
     """Run one analysis; yields :class:`Prepared`, :class:`Started`, then each ``BatchResult``.
 
-    With ``request.triage``, each ``TriageBatch`` of the triage pass and a :class:`TriageReady` come
-    between :class:`Prepared` and :class:`Started`. Runs in a worker thread and never touches Qt or
+    With ``request.triage``, a :class:`TriageStored` (only for a partly filled triage store), each
+    ``TriageBatch`` of the triage pass and a :class:`TriageReady` come between :class:`Prepared` and
+    :class:`Started`. Runs in a worker thread and never touches Qt or
     napari layers.
     """
     from napari_anopilad.engine.device import choose_device, describe_device
@@ -319,6 +328,9 @@ def _triage_first(
 ) -> Generator[Any, None, Any]:
     """Run the triage pass over every tissue cell, yielding each batch, then :class:`TriageReady`.
 
+    Stored triage scores are reused, not computed again. When the store contains some but not all tissue cells,
+    a :class:`TriageStored` with their map comes before the first batch.
+
     Returns the diffusion plan, or None when the pass was stopped before it finished.
     """
     from napari_anopilad.engine.triage_pass import (
@@ -332,6 +344,11 @@ def _triage_first(
     triage_store = open_triage_store(request.store_root, slide, bundle, scorer, grid)
     tissue_cells = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
     triage_pass = TriagePass(slide, grid, scorer, triage_store, cells=tissue_cells)
+    if triage_pass.n_reused and triage_pass.remaining:
+        # A full store goes straight to TriageReady below, but a partial one is shown while the rest is scored.
+        yield TriageStored(
+            compute_triage_results(triage_store, grid, request.triage_score, cells=tissue_cells)
+        )
     control.set_triage_pass(triage_pass)
     n_computed = 0
     patches_per_s = 0.0
@@ -842,6 +859,8 @@ class AnalysisWidget(QWidget):
             self._on_prepared(message)
         elif isinstance(message, TriageBatch):
             self._on_triage_batch(message)
+        elif isinstance(message, TriageStored):
+            self._on_triage_stored(message)
         elif isinstance(message, TriageReady):
             self._on_triage_ready(message)
         elif isinstance(message, Started):
@@ -854,14 +873,35 @@ class AnalysisWidget(QWidget):
             f"Triage: {batch.n_done} / {batch.n_total} tissue patches, {batch.patches_per_s:.1f} patches/s..."
         )
 
+    def _on_triage_stored(self, stored: TriageStored) -> None:
+        """Show the stored part of the triage map while the triage pass scores the missing patches."""
+        results = stored.results
+        if not self._show_triage_map(results):
+            return
+        self.status_label.setText(
+            f"Stored triage map ({results.scorer_name}): {results.n_patches} / {results.n_tissue_patches} "
+            "tissue patches. Scoring the missing ones..."
+        )
+
     def _on_triage_ready(self, ready: TriageReady) -> None:
         """Show the triage map as its own layer and say what the diffusion covers next."""
         self.triage_ready = ready
+        results = ready.results
+        if not self._show_triage_map(results):
+            return
+        z_max = "n/a" if results.z_max is None else f"{results.z_max:.2f}"
+        self.status_label.setText(
+            f"Triage map ({results.scorer_name}): {results.n_patches} / {results.n_tissue_patches} tissue "
+            f"patches, Z_max {z_max}. The diffusion scores the patches in view, then {ready.plan.n_budget} "
+            "budget patches in triage order."
+        )
+
+    def _show_triage_map(self, results: Any) -> bool:
+        """Show ``results`` (TriageResults) as the slide's triage layer and return True, or False without a slide or grid."""
         layer = self.slide_layer()
         prepared = self.prepared
         if layer is None or prepared is None:
-            return
-        results = ready.results
+            return False
         self.triage_layer = show_triage_layer(
             self.viewer,
             f"{layer.name} triage",
@@ -877,12 +917,7 @@ class AnalysisWidget(QWidget):
         )
         # The slide stays the active layer, so that the inspector and the threshold follow the analysis.
         self.viewer.layers.selection.active = layer
-        z_max = "n/a" if results.z_max is None else f"{results.z_max:.2f}"
-        self.status_label.setText(
-            f"Triage map ({results.scorer_name}): {results.n_patches} / {results.n_tissue_patches} tissue "
-            f"patches, Z_max {z_max}. The diffusion scores the patches in view, then {ready.plan.n_budget} "
-            "budget patches in triage order."
-        )
+        return True
 
     def scoring_method(self) -> str:
         """Return the display name of the method behind the current results (AnoPILaD before any run)."""
