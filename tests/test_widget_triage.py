@@ -39,24 +39,11 @@ def test_triage_first_in_dock(
 ) -> None:
     from napari_anopilad.engine.session import BatchResult
     from napari_anopilad.engine.triage_pass import TriageBatch, open_triage_store
-    from napari_anopilad.widgets.analysis import AnalysisWidget, TriageReady
+    from napari_anopilad.widgets.analysis import TriageReady
     from napari_anopilad.widgets.model import analyses_for
 
     monkeypatch.setenv("NAPARI_ANOPILAD_STORE", str(tmp_path / "store"))
-    viewer = make_napari_viewer(show=True)
-    slide_layer = viewer.open(str(cmu_slide_path), plugin="napari-anopilad")[0]
-    widget = AnalysisWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Anomaly analysis")
-    widget.device_choice.setCurrentText("cpu")
-    widget.batch_size.setValue(4)
-    widget.set_bundle_folder(demo_bundle_dir)
-    qtbot.waitUntil(lambda: widget.loaded_bundle is not None, timeout=120_000)
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
-    canvas_height, canvas_width = viewer.window._qt_viewer.canvas.size
-    camera = viewer_camera(viewer)
-    camera.center = VIEW_CENTRE_LEVEL0
-    camera.zoom = max(canvas_height, canvas_width) / (1.5 * 256)
-    qtbot.wait(50)
+    viewer, slide_layer, widget = open_dock(make_napari_viewer, qtbot, cmu_slide_path, demo_bundle_dir)
     box = visible_box_level0(viewer, slide_layer.level_shapes[0][:2])
 
     # 1. The triage controls follow the checkbox.
@@ -123,6 +110,15 @@ def test_triage_first_in_dock(
 
 def open_triage_dock(make_napari_viewer, qtbot, slide_path: Path, bundle_dir: Path) -> tuple:
     """Open the slide in a new viewer and a new dock with "Triage first" on, viewing the CMU grid's centre."""
+    viewer, slide_layer, widget = open_dock(make_napari_viewer, qtbot, slide_path, bundle_dir)
+    widget.triage_check.setChecked(True)
+    widget.triage_budget.setValue(0.05)
+    widget.triage_neighbours.setValue(0)
+    return viewer, slide_layer, widget
+
+
+def open_dock(make_napari_viewer, qtbot, slide_path: Path, bundle_dir: Path) -> tuple:
+    """Open the slide in a new viewer and a new dock on the CPU with the bundle loaded, viewing the CMU grid's centre."""
     from napari_anopilad.widgets.analysis import AnalysisWidget
 
     viewer = make_napari_viewer(show=True)
@@ -139,9 +135,6 @@ def open_triage_dock(make_napari_viewer, qtbot, slide_path: Path, bundle_dir: Pa
     camera.center = VIEW_CENTRE_LEVEL0
     camera.zoom = max(canvas_height, canvas_width) / (1.5 * 256)
     qtbot.wait(50)
-    widget.triage_check.setChecked(True)
-    widget.triage_budget.setValue(0.05)
-    widget.triage_neighbours.setValue(0)
     return viewer, slide_layer, widget
 
 
