@@ -275,5 +275,7 @@ def test_patch_table_extra_columns(tmp_path: Path) -> None:
     (back,) = read_patches_csv(tmp_path / "wide.csv")
     assert list(back)[-2:] == ["ssim", "triage_knn_z"]
     assert back["ssim"] == 0.5
-    assert np.isnan(back["triage_knn_z"]) and np.isnan(back["mse_latent"])
-    assert back["keywords"] == ["a", "b"] and back["lpips"] == 0.25
+    assert np.isnan(back["triage_knn_z"])
+    assert np.isnan(back["mse_latent"])
+    assert back["keywords"] == ["a", "b"]
+    assert back["lpips"] == 0.25

@@ -34,7 +34,7 @@ def test_settings_round_trip_and_key_change_with_options() -> None:
     assert settings.with_overrides(start_timestep=None) == settings
 
 
-def test_settings_reject_an_option_the_method_does_not_have() -> None:
+def test_settings_reject_unknown_option() -> None:
     settings = BaselineSettings("memae", "mse")
     with pytest.raises(ValueError, match="'guidance_scale' does not apply to the memae method"):
         settings.with_overrides(guidance_scale=7.5)
@@ -63,7 +63,7 @@ def test_crops_are_row_major_tiles_and_reassemble() -> None:
         to_crops(patches, 48)
 
 
-def test_noise_seed_depends_on_every_part_of_the_key() -> None:
+def test_noise_seed_uses_whole_key() -> None:
     base = noise_seed(("slide", 1, 2), 0)
     assert base == noise_seed(("slide", 1, 2), 0)
     others = {
@@ -72,11 +72,12 @@ def test_noise_seed_depends_on_every_part_of_the_key() -> None:
         noise_seed(("slide", 1, 2), 1),
         noise_seed(("slide", 1, 2), 0, crop=1),
     }
-    assert base not in others and len(others) == 4
+    assert base not in others
+    assert len(others) == 4
     assert 0 <= base < 2**63
 
 
-def test_training_batch_is_reproducible_and_cut_from_the_patches() -> None:
+def test_training_batch_reproducible_crops() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 256, 256, 3), dtype=np.uint8)
     first = training_batch(images, step=7, batch_size=4, crop_size=64, seed=1)
@@ -95,7 +96,7 @@ def test_training_batch_is_reproducible_and_cut_from_the_patches() -> None:
     assert found
 
 
-def test_trim_log_drops_rows_of_steps_after_the_checkpoint(tmp_path) -> None:
+def test_trim_log_drops_later_steps(tmp_path) -> None:
     log = tmp_path / "loss_log.csv"
     log.write_text("step,loss\n0,1.0\n1,0.9\n2,0.8\n3,0.7\n")
     _trim_log(log, 2)
@@ -103,7 +104,7 @@ def test_trim_log_drops_rows_of_steps_after_the_checkpoint(tmp_path) -> None:
         assert list(csv.reader(handle)) == [["step", "loss"], ["0", "1.0"], ["1", "0.9"]]
 
 
-def test_bundle_method_defaults_to_anopilad_and_unknown_methods_are_named(tmp_path) -> None:
+def test_bundle_method_default_and_unknown(tmp_path) -> None:
     (tmp_path / "bundle.json").write_text(json.dumps({"format_version": 1}))
     assert bundle_method(tmp_path) == "anopilad"
     (tmp_path / "bundle.json").write_text(json.dumps({"format_version": 1, "method": "pca"}))
@@ -113,7 +114,7 @@ def test_bundle_method_defaults_to_anopilad_and_unknown_methods_are_named(tmp_pa
         bundle_method(tmp_path / "missing")
 
 
-def test_store_keeps_named_scores_and_reads_batches_written_before_them(tmp_path) -> None:
+def test_store_named_and_legacy_scores(tmp_path) -> None:
     settings = BaselineSettings("memae", "mse")
     store = ResultStore(tmp_path, "slide-id", "bundle-id", settings)
     store.write_batch([(0, 1), (2, 3)], scores={"mse": [0.5, 0.25], "l1": [0.1, 0.2]})
@@ -142,7 +143,8 @@ def test_store_keeps_named_scores_and_reads_batches_written_before_them(tmp_path
         has_reconstruction=np.array([False]),
     )
     legacy = old.load()
-    assert legacy.lpips.tolist() == [0.3] and legacy.mse_latent.tolist() == [0.02]
+    assert legacy.lpips.tolist() == [0.3]
+    assert legacy.mse_latent.tolist() == [0.02]
 
 
 def test_store_refuses_batches_with_different_scores(tmp_path) -> None:

@@ -44,9 +44,7 @@ def slide_and_grid(cmu_slide_path: Path) -> Iterator[tuple[Any, Any]]:
         yield slide, build_patch_grid(slide)
 
 
-def test_session_scores_a_real_slide_with_a_memae_bundle(
-    tmp_path: Path, slide_and_grid: tuple[Any, Any]
-) -> None:
+def test_session_scores_slide_with_memae(tmp_path: Path, slide_and_grid: tuple[Any, Any]) -> None:
     slide, grid = slide_and_grid
     bundle = load_any_bundle(_memae_bundle(tmp_path / "bundle"))
     assert method_of(bundle) == "memae"
@@ -79,12 +77,11 @@ def test_session_scores_a_real_slide_with_a_memae_bundle(
     np.testing.assert_allclose(results.z, (results.scores - mean) / std)
 
     resumed = AnalysisSession(slide, grid, scorer, store, cells=cells, batch_size=2)
-    assert resumed.n_reused == 5 and list(resumed.run()) == []
+    assert resumed.n_reused == 5
+    assert list(resumed.run()) == []
 
 
-def test_calibration_is_used_only_under_the_settings_it_was_measured_with(
-    tmp_path: Path, slide_and_grid: tuple[Any, Any]
-) -> None:
+def test_calibration_only_under_its_settings(tmp_path: Path, slide_and_grid: tuple[Any, Any]) -> None:
     slide, grid = slide_and_grid
     settings = default_settings("memae")
     calibration = BaselineCalibration({"mse": 0.5, "l1": 0.6}, {"mse": 0.1, "l1": 0.2}, 20, settings)
@@ -97,7 +94,8 @@ def test_calibration_is_used_only_under_the_settings_it_was_measured_with(
     )
     list(AnalysisSession(slide, grid, scorer, store, cells=cells).run())
     results = compute_slide_results(store, grid, bundle)
-    assert results.score_name == "l1" and results.z_source == "calibration"
+    assert results.score_name == "l1"
+    assert results.z_source == "calibration"
     np.testing.assert_allclose(results.z, (results.scores - 0.6) / 0.2)
 
 
@@ -116,7 +114,7 @@ def test_missing_weights_name_the_file(tmp_path: Path) -> None:
         load_any_bundle(folder)
 
 
-def test_cohort_tasks_run_a_memae_bundle_and_write_its_outputs(tmp_path: Path, cmu_slide_path: Path) -> None:
+def test_cohort_tasks_run_memae_bundle(tmp_path: Path, cmu_slide_path: Path) -> None:
     import json
 
     from napari_anopilad.engine.cohort import (
@@ -140,7 +138,8 @@ def test_cohort_tasks_run_a_memae_bundle_and_write_its_outputs(tmp_path: Path, c
     assert [block.status for block in blocks] == ["ok", "ok"]
     outcome = finish_slide(plan, blocks, options)
     assert outcome.status == "ok", outcome.error
-    assert outcome.n_patches == 3 and outcome.z_source == "within-slide"
+    assert outcome.n_patches == 3
+    assert outcome.z_source == "within-slide"
 
     summary = json.loads((options.out / "cmu" / "slide.json").read_text())
     assert summary["scorer"] == "memae"
@@ -165,7 +164,8 @@ def test_analyze_command_runs_a_memae_bundle(tmp_path: Path, cmu_slide_path: Pat
     printed = capsys.readouterr().out
     assert "MemAE: " in printed
     summary = json.loads((out / "slide.json").read_text())
-    assert summary["scorer"] == "memae" and summary["score"] == "l1"
+    assert summary["scorer"] == "memae"
+    assert summary["score"] == "l1"
     assert summary["n_patches"] > 0
 
     assert main([*args, "--start-timestep", "500"]) == 2

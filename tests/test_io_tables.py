@@ -142,7 +142,7 @@ def test_reader_rejects_bad_files(tmp_path):
         read_patches_csv(path)
 
 
-def test_writer_rejects_a_further_column_that_is_not_a_number(tmp_path):
+def test_writer_rejects_non_numeric_column(tmp_path):
     with pytest.raises(ValueError, match="invalid value 'high' in column 'mse'"):
         write_patches_csv(tmp_path / "patches.csv", [{**_records()[0], "mse": "high"}])
     assert not list(tmp_path.iterdir())

@@ -70,7 +70,7 @@ def test_store_shared_by_scores_not_by_settings(tmp_path: Path) -> None:
     lpips_store = ResultStore(tmp_path, SLIDE_ID, BUNDLE_ID, InferenceSettings(score="lpips"))
     lpips_store.write_batch(**_batch([(1, 1)]))
 
-    # Every batch holds both scores, so choosing the other one reuses the stored patches.
+    # Every batch contains both scores, so choosing the other one reuses the stored patches.
     mse_store = ResultStore(tmp_path, SLIDE_ID, BUNDLE_ID, InferenceSettings(score="mse_latent"))
     assert mse_store.folder == lpips_store.folder
     assert mse_store.done_cells() == {(1, 1)}

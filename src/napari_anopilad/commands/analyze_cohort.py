@@ -290,7 +290,9 @@ def analyze_cohort(client: Any, slides: list[Any], options: Any, progress: bool 
                 z_99 = "n/a" if outcome.z_99 is None else f"{outcome.z_99:.3f}"
                 line = f"done    {outcome.slide.name}: Z_99 {z_99}, {outcome.n_patches} patches"
                 if outcome.triage_scorer:
-                    line += f" ({outcome.n_computed} computed; triage pass: {outcome.n_triage_computed} computed)"
+                    line += (
+                        f" ({outcome.n_computed} computed; triage pass: {outcome.n_triage_computed} computed)"
+                    )
                 bar.write(line)
             else:
                 bar.write(f"FAILED  {outcome.slide.name}: {outcome.error}")

@@ -44,7 +44,7 @@ def calibration_reference(
     if calibration is None:
         warning_key = (str(bundle.identity), settings.score_key())
         if bundle.calibration is not None and warning_key not in _warned_calibrations:
-            # One analysis asks several times (scorer, session, results), so the warning is logged once.
+            # One analysis calls this several times (scorer, session, results), so the warning is logged once.
             _warned_calibrations.add(warning_key)
             logger.warning(
                 "The bundle's calibration was measured under other settings (%s), so z-scores are within the slide",

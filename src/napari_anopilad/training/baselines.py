@@ -38,27 +38,27 @@ PATCH_SIZE = 256
 
 
 class MethodTrainer(Protocol):
-    """What :func:`train_baseline` needs from a method."""
+    """Interface of a method that :func:`train_baseline` trains."""
 
     method: str
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The networks by weight part name (``"model"``, ``"discriminator"``, ...); all are saved."""
+        """Return the networks by weight part name (``"model"``, ``"discriminator"``, ...); all are saved."""
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimisers by name; their state is saved in checkpoints."""
+        """Return the optimisers by name; their state is saved in checkpoints."""
 
     def training_step(self, pixels: torch.Tensor, step: int, generator: torch.Generator) -> dict[str, float]:
         """Run one optimisation step on ``(b, 3, s, s)`` pixels in [-1, 1]; return the losses by name."""
 
     def model_config(self) -> dict[str, Any]:
-        """The architecture, as the method's scorer reads it from ``bundle.json``."""
+        """Return the architecture, as the method's scorer reads it from ``bundle.json``."""
 
     def default_settings(self) -> BaselineSettings:
-        """The scoring settings the bundle starts with."""
+        """Return the scoring settings the bundle starts with."""
 
     def bundle_parts(self) -> dict[str, torch.nn.Module]:
-        """The networks the scorer needs, by weight part name (a subset of :meth:`modules`)."""
+        """Return the networks the scorer needs, by weight part name (a subset of :meth:`modules`)."""
 
 
 @dataclass(frozen=True)
