@@ -14,7 +14,9 @@ time limit still returns what it finished. A step that fails records its error a
    estimate of ``choose_batch_size``, and the time for 10,000 tissue patches extrapolated from it.
 4. ``cuda_graphs``: the UNet call captured in a CUDA graph, at a full batch and at one patch.
 5. ``batch_sweep``: patches/s of the UNet loop over batch sizes, to check the automatic batch size's cap.
-6. ``compile``: ``torch.compile`` of the UNet (compilation time and loop speed), if time is left.
+6. ``prompt_encoding``: benchmarks/prompt_encoding.py with a text encoder of SD1.5's size: Compel on the
+   prompt strings against the batched keyword prompt encoder.
+7. ``compile``: ``torch.compile`` of the UNet (compilation time and loop speed), if time is left.
 
 Run on the GPU machine through benchmarks/gpu_suite.sh, which installs the carried wheels first.
 ``--tiny`` runs every step with small models on the CPU in a minute or two, to test the code paths.
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prompt_encoding
 import stage_breakdown
 import throughput
 from napari_anopilad.engine.device import (
@@ -343,6 +346,23 @@ def step_compile(suite: Suite) -> dict[str, Any]:
     }
 
 
+def prompt_encoding_argv(arguments: argparse.Namespace) -> list[str]:
+    """Return the arguments of benchmarks/prompt_encoding.py for this suite run."""
+    argv = ["--device", str(arguments.device), "--out", str(arguments.out), "--label", "gpu-suite"]
+    if arguments.tiny:
+        return [*argv, "--prompts", "4", "--threads", "1"]
+    return [*argv, "--full-clip", "--prompts", str(arguments.patches)]
+
+
+def step_prompt_encoding(suite: Suite) -> dict[str, Any]:
+    report = prompt_encoding.main(prompt_encoding_argv(suite.arguments))
+    return {
+        "rows": report["rows"],
+        "speed_up_empty_cache": report["speed_up_empty_cache"],
+        "max_abs_difference": report["max_abs_difference"],
+    }
+
+
 def step_stage_breakdown(suite: Suite) -> dict[str, Any]:
     arguments = suite.arguments
     with tempfile.TemporaryDirectory() as temporary:
@@ -496,6 +516,16 @@ def markdown_summary(report: dict[str, Any]) -> str:
                 f"{memory['batch_size_from_estimate']} (estimate), {memory['batch_size_from_measurement']} (measured)."
             )
 
+    prompts = steps.get("prompt_encoding", {})
+    if "rows" in prompts:
+        lines += ["", "| prompt encoding | ms per prompt |", "|---|---|"]
+        for row in prompts["rows"]:
+            lines.append(f"| {row['run']} | {1000 * row['seconds_per_prompt']:.2f} |")
+        lines.append(
+            f"\nSpeed-up {prompts['speed_up_empty_cache']:.1f}x with an empty cache; largest difference from "
+            f"Compel {prompts['max_abs_difference']:.1e}."
+        )
+
     compiled = steps.get("compile", {})
     if "speedup" in compiled:
         lines.append(
@@ -523,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite.run("stage_breakdown", 120, lambda: step_stage_breakdown(suite))
     suite.run("cuda_graphs", 40, lambda: step_cuda_graphs(suite))
     suite.run("batch_sweep", 40, lambda: step_batch_sweep(suite))
+    suite.run("prompt_encoding", 30, lambda: step_prompt_encoding(suite))
     if not arguments.skip_compile:
         suite.run("compile", 150, lambda: step_compile(suite))
     suite.report["total_seconds"] = time.perf_counter() - suite.started

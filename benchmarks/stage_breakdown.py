@@ -2,7 +2,7 @@
 
 The batch runs through the real scorer (:class:`AnoPILaDScorer`). The scorer's own steps are timed from
 outside: its methods ``_keyword_prompts`` (CONCH image embedding, similarities and prompt strings),
-``_prompt_embeds`` (Compel text encoding), ``_encode`` and ``_decode`` (VAE), and the functions it calls,
+``_prompt_embeds`` (text encoding of the keyword prompts), ``_encode`` and ``_decode`` (VAE), and the functions it calls,
 ``reconstruct_latents`` (the UNet loop) and ``lpips_distances``, are wrapped with timers for the timed
 batch. The wrappers call the originals unchanged. On a GPU each timer synchronises the device before it
 reads the clock, so asynchronous kernels are counted in the stage that launched them.
@@ -61,7 +61,7 @@ STAGES = {
     "read": "reading and decoding",
     "conch": "CONCH keyword prompts",
     "conch_preprocess": "  of which CONCH preprocessing (CPU)",
-    "text_encoding": "text encoding (Compel)",
+    "text_encoding": "text encoding (keyword prompts)",
     "vae_encode": "VAE encode",
     "unet_loop": "UNet loop",
     "vae_decode": "VAE decode",

@@ -108,6 +108,23 @@ def test_stage_breakdown_demo_bundle(tmp_path: Path, demo_bundle_dir: Path) -> N
     assert written["stages"] == report["stages"]
 
 
+def test_prompt_encoding_equals_compel(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    import prompt_encoding
+
+    report = prompt_encoding.main(
+        ["--bundle", str(demo_bundle_dir), "--prompts", "6", "--threads", "1", "--out", str(tmp_path)]
+    )
+
+    compel_row, cold_row, cached_row = report["rows"]
+    assert compel_row["encoder_passes"] == cold_row["encoder_passes"]
+    assert cold_row["encoder_passes"] > 6
+    assert cold_row["passes_per_call"] == cold_row["encoder_passes"]
+    assert cached_row["encoder_passes"] == 0
+    assert report["max_abs_difference"] < 1e-5
+    assert report["cached_equals_fresh"]
+    assert "| Compel on the prompt strings |" in (tmp_path / "prompt-encoding-cpu-bundle.md").read_text()
+
+
 def test_stage_cells_wrap_small_slide(cmu_slide_path: Path) -> None:
     import stage_breakdown
     from napari_anopilad.slide import build_patch_grid, open_slide
@@ -130,7 +147,14 @@ def test_gpu_suite_tiny(tmp_path: Path) -> None:
     # The compile step is left out: tracing the UNet takes minutes on a 2-core CPU.
     report = gpu_suite.main(["--tiny", "--skip-compile", "--out", str(tmp_path)])
     steps = report["steps"]
-    assert set(steps) == {"matmul", "throughput", "stage_breakdown", "cuda_graphs", "batch_sweep"}
+    assert set(steps) == {
+        "matmul",
+        "throughput",
+        "stage_breakdown",
+        "cuda_graphs",
+        "batch_sweep",
+        "prompt_encoding",
+    }
     for name, figures in steps.items():
         assert "error" not in figures, (name, figures.get("error"))
     assert steps["throughput"]["result_difference"] < 1e-5

@@ -157,7 +157,7 @@ def test_unprompted_mode_skips_conch(
     prompted = scorer.score(slide_patches[:2], keys)
 
     assert unprompted.conch is None
-    assert unprompted.compel is None
+    assert unprompted.prompt_encoder is None
     assert unprompted.guidance_scale == 1.0
     assert scores.keywords == [[], []]
     assert scores.prompt == ["", ""]

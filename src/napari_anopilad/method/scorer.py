@@ -14,12 +14,11 @@ from napari_anopilad.method.bundle import Bundle, Calibration
 from napari_anopilad.method.diffusion import patch_noise, reconstruct_latents
 from napari_anopilad.method.heatmap import within_slide_stats, zscores
 from napari_anopilad.method.perceptual import lpips_distances
+from napari_anopilad.method.prompt_encoding import KeywordPromptEncoder
 from napari_anopilad.method.prompts import (
     KeywordPrompt,
-    build_compel,
     cached_keyword_embeddings,
     encode_empty_prompt,
-    encode_prompts,
     keyword_prompts_for_images,
 )
 from napari_anopilad.method.settings import SCORES, InferenceSettings
@@ -111,12 +110,14 @@ class AnoPILaDScorer:
         if self.settings.unprompted:
             self.conch = None
             self.keyword_embeddings = None
-            self.compel = None
+            self.prompt_encoder: KeywordPromptEncoder | None = None
         else:
             self.conch = bundle.load_conch(self.device)
             # Computed here once, so the first batch does not pay for the keyword bank.
             self.keyword_embeddings = cached_keyword_embeddings(bundle, self.conch, self.device)
-            self.compel = build_compel(self.tokenizer, self.text_encoder)
+            self.prompt_encoder = KeywordPromptEncoder(
+                self.tokenizer, self.text_encoder, style=self.settings.prompt_style
+            )
 
         self.lpips = bundle.load_lpips(self.device)
         self.calibration: Calibration | None = bundle.calibration_for(self.settings)
@@ -242,8 +243,8 @@ class AnoPILaDScorer:
     def _prompt_embeds(self, prompts: list[KeywordPrompt]) -> torch.Tensor:
         if self.settings.unprompted:
             return self.empty_prompt_embeds.expand(len(prompts), -1, -1)
-        assert self.compel is not None
-        return encode_prompts(self.compel, [prompt.prompt for prompt in prompts])
+        assert self.prompt_encoder is not None
+        return self.prompt_encoder.encode(prompts)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
