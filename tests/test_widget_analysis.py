@@ -177,7 +177,39 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     if len(expected) > 1:
         assert inspector_widget.current_cell != first
 
-    # 7. Reopening the slide shows the stored results at once, without running the model.
+    # 7. Other settings show in the same layers: empty for a new result store, kept threshold, then the
+    # first settings' scores again.
+    heatmap_layer, anomalies_layer = analysis.heatmap_layer, analysis.anomalies_layer
+    layer_count = len(viewer.layers)
+    first_start = analysis_widget.start_timestep.value()
+    analysis_widget.start_timestep.setValue(first_start - 100)
+    analysis_widget.show_stored_results()
+    qtbot.waitUntil(lambda: analyses_for(viewer).current is not analysis, timeout=60_000)
+    qtbot.waitUntil(lambda: analysis_widget.worker is None, timeout=60_000)
+    other = analyses_for(viewer).current
+    assert other.heatmap_layer is heatmap_layer
+    assert other.anomalies_layer is anomalies_layer
+    assert len(viewer.layers) == layer_count
+    assert np.all(np.isnan(heatmap_layer.data))
+    assert not np.any(anomalies_layer.data)
+    assert other.threshold == analysis.threshold
+    assert inspector_widget.top_list.count() == 0
+
+    analysis_widget.start_timestep.setValue(first_start)
+    analysis_widget.show_stored_results()
+    qtbot.waitUntil(lambda: analyses_for(viewer).current is not other, timeout=60_000)
+    qtbot.waitUntil(lambda: analysis_widget.worker is None, timeout=60_000)
+    again = analyses_for(viewer).current
+    assert again.heatmap_layer is heatmap_layer
+    assert inspector_widget.top_list.count() == len(expected)
+    # The inspected patch was scored again alone for its reconstruction, which moves its score by float
+    # rounding only (a batch of one instead of four).
+    np.testing.assert_allclose(
+        heatmap_layer.data, reference_eroded(z_grid), rtol=1e-4, atol=1e-3, equal_nan=True
+    )
+    analysis = again
+
+    # 8. Reopening the slide shows the stored results at once, without running the model.
     viewer.layers.clear()
     reopened = viewer.open(str(slide_layer.metadata["anopilad"]["path"]), plugin="napari-anopilad")[0]
     qtbot.waitUntil(lambda: f"{reopened.name} z-score" in viewer.layers, timeout=60_000)
