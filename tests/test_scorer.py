@@ -208,3 +208,54 @@ def test_float16_needs_cuda(demo_bundle_dir: Path) -> None:
 
     with pytest.raises(ValueError, match="precision 'float16' needs a CUDA device"):
         AnoPILaDScorer(bundle, settings=bundle.settings.with_overrides(precision="float16"))
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"start_timestep": 400, "sampler": "plms"}, {"prompt_style": "numeric", "top_k": 4}]
+)
+def test_with_settings_shares_models(
+    demo_bundle_dir: Path, scorer: AnoPILaDScorer, slide_patches: np.ndarray, overrides: dict
+) -> None:
+    bundle = load_bundle(demo_bundle_dir)
+    settings = bundle.settings.with_overrides(**overrides)
+    keys = [("slide-a", 0, 0), ("slide-a", 0, 1)]
+
+    shared = scorer.with_settings(settings)
+    fresh = AnoPILaDScorer(bundle, settings=settings)
+
+    assert shared is not None
+    assert shared.unet is scorer.unet
+    assert shared.conch is scorer.conch
+    assert shared.lpips is scorer.lpips
+    assert shared.settings == settings
+    assert scorer.settings == bundle.settings
+    shared_scores = shared.score(slide_patches[:2], keys)
+    fresh_scores = fresh.score(slide_patches[:2], keys)
+    assert shared_scores.prompt == fresh_scores.prompt
+    np.testing.assert_allclose(shared_scores.lpips, fresh_scores.lpips, rtol=1e-5, atol=1e-7)
+    assert (shared.calibration is None) == (fresh.calibration is None)
+
+
+@pytest.mark.parametrize("overrides", [{"precision": "bfloat16"}, {"unprompted": True}])
+def test_with_settings_needs_reload(scorer: AnoPILaDScorer, overrides: dict) -> None:
+    assert scorer.with_settings(scorer.settings.with_overrides(**overrides)) is None
+
+
+def test_model_cache_reuses_models(demo_bundle_dir: Path) -> None:
+    from napari_anopilad.widgets.analysis import ModelCache
+
+    cache = ModelCache()
+    bundle = cache.bundle(demo_bundle_dir)
+    first = cache.scorer(demo_bundle_dir, bundle, "cpu", bundle.settings)
+    later_start = cache.scorer(
+        demo_bundle_dir, bundle, "cpu", bundle.settings.with_overrides(start_timestep=500)
+    )
+    bfloat16 = cache.scorer(
+        demo_bundle_dir, bundle, "cpu", bundle.settings.with_overrides(precision="bfloat16")
+    )
+
+    assert later_start is not first
+    assert later_start.unet is first.unet
+    assert later_start.settings.start_timestep == 500
+    assert bfloat16.unet is not first.unet
+    assert next(bfloat16.unet.parameters()).dtype == torch.bfloat16

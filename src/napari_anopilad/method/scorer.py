@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,24 @@ class AnoPILaDScorer:
 
         self.lpips = bundle.load_lpips(self.device)
         self.calibration: Calibration | None = bundle.calibration_for(self.settings)
+
+    def with_settings(self, settings: InferenceSettings) -> AnoPILaDScorer | None:
+        """Return a scorer under ``settings`` that shares this scorer's loaded models, or None if it cannot.
+
+        The loaded models depend on the precision (the UNet's dtype) and on whether prompts are used (CONCH
+        is loaded only then), so those two settings must match. The start timestep, steps, sampler,
+        guidance, seed, keyword count, prompt style and score need no reload.
+        """
+        if settings.precision != self.settings.precision or settings.unprompted != self.settings.unprompted:
+            return None
+        scorer = copy.copy(self)
+        scorer.settings = settings
+        if self.prompt_encoder is not None and settings.prompt_style != self.settings.prompt_style:
+            scorer.prompt_encoder = KeywordPromptEncoder(
+                self.tokenizer, self.text_encoder, style=settings.prompt_style
+            )
+        scorer.calibration = self.bundle.calibration_for(settings)
+        return scorer
 
     @property
     def guidance_scale(self) -> float:
