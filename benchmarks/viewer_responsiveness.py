@@ -98,6 +98,7 @@ class StallMeter:
         self.gaps: list[float] = []
         self.gap_ends: list[float] = []
         self.samples: list[tuple[float, str]] = []
+        self.worker_samples: list[tuple[float, str]] = []
         self._last = 0.0
         self._started = 0.0
         self._gui_thread = threading.get_ident()
@@ -107,6 +108,7 @@ class StallMeter:
         self.gaps = []
         self.gap_ends = []
         self.samples = []
+        self.worker_samples = []
         self._started = self._last = time.perf_counter()
         self.timer.start()
         self._running.set()
@@ -123,9 +125,18 @@ class StallMeter:
             time.sleep(STALL_SAMPLE_S / 2)
             late = time.perf_counter() - self._last
             if late > STALL_SAMPLE_S:
-                frame = sys._current_frames().get(self._gui_thread)
+                at = time.perf_counter() - self._started
+                frames = sys._current_frames()
+                frame = frames.get(self._gui_thread)
                 if frame is not None:
-                    self.samples.append((time.perf_counter() - self._started, describe_stack(frame)))
+                    self.samples.append((at, describe_stack(frame)))
+                # The analysis worker's stack too: a worker that holds the GIL stalls the GUI thread.
+                for ident, other in frames.items():
+                    if ident in (self._gui_thread, threading.get_ident()):
+                        continue
+                    stack = describe_stack(other)
+                    if "napari_anopilad" in stack:
+                        self.worker_samples.append((at, stack))
 
     def longest_stalls(self, count: int = 3) -> list[dict[str, Any]]:
         """Return the ``count`` longest gaps with their end time and the GUI-thread stacks sampled in them."""
@@ -134,24 +145,55 @@ class StallMeter:
         for index in order:
             end, gap = self.gap_ends[index], self.gaps[index]
             stacks = sorted({where for at, where in self.samples if end - gap <= at <= end})
-            stalls.append({"gap_ms": gap * 1000, "ended_at_s": end, "gui_thread_stacks": stacks})
+            workers = sorted({where for at, where in self.worker_samples if end - gap <= at <= end})
+            stalls.append(
+                {
+                    "gap_ms": gap * 1000,
+                    "ended_at_s": end,
+                    "gui_thread_stacks": stacks,
+                    "worker_thread_stacks": workers,
+                }
+            )
         return stalls
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, split_s: float | None = None) -> dict[str, Any]:
+        """Stop the timer and return the gap figures.
+
+        With ``split_s`` (seconds after the start), the figures of the gaps that end before it and of those
+        that end after it are added under ``"before_split"`` and ``"after_split"``.
+        """
         self.timer.stop()
         self._running.clear()
         # The time since the last call counts too: a stall at the very end would otherwise be missed.
-        gaps = np.array([*self.gaps, time.perf_counter() - self._last])
-        return {
-            "seconds": time.perf_counter() - self._started,
+        now = time.perf_counter()
+        self.gaps.append(now - self._last)
+        self.gap_ends.append(now - self._started)
+        gaps, ends = np.array(self.gaps), np.array(self.gap_ends)
+        figures = {
+            "seconds": now - self._started,
             "timer_ms": self.interval_ms,
-            "calls": len(self.gaps),
-            "max_gap_ms": float(gaps.max() * 1000),
-            "p99_gap_ms": float(np.percentile(gaps, 99) * 1000),
-            "median_gap_ms": float(np.median(gaps) * 1000),
-            "gaps_over_100ms": int(np.sum(gaps > 0.1)),
+            **gap_figures(gaps),
             "longest_stalls": self.longest_stalls(),
         }
+        if split_s is not None:
+            figures["split_s"] = split_s
+            figures["before_split"] = {"seconds": split_s, **gap_figures(gaps[ends <= split_s])}
+            after = {"seconds": figures["seconds"] - split_s, **gap_figures(gaps[ends > split_s])}
+            figures["after_split"] = after
+        return figures
+
+
+def gap_figures(gaps: np.ndarray) -> dict[str, Any]:
+    """Return the number, longest, 99th percentile and median of timer gaps (seconds), and those over 100 ms."""
+    if len(gaps) == 0:
+        return {"calls": 0, "max_gap_ms": 0.0, "p99_gap_ms": 0.0, "median_gap_ms": 0.0, "gaps_over_100ms": 0}
+    return {
+        "calls": len(gaps),
+        "max_gap_ms": float(gaps.max() * 1000),
+        "p99_gap_ms": float(np.percentile(gaps, 99) * 1000),
+        "median_gap_ms": float(np.median(gaps) * 1000),
+        "gaps_over_100ms": int(np.sum(gaps > 0.1)),
+    }
 
 
 def describe_stack(frame: Any) -> str:
@@ -246,14 +288,9 @@ def measure(arguments: argparse.Namespace, bundle_folder: Path) -> dict[str, Any
         run_event_loop(lambda: widget.loaded_bundle is not None, arguments.timeout, "the bundle to load")
         run_event_loop(lambda: widget.worker is None, arguments.timeout, "the stored results")
         if arguments.start_timestep is not None:
-            # Other settings use another result store, whose layers the dock would build on the GUI thread
-            # when the analysis starts (seconds on a slow CPU). They are built here before the
-            # measurement, so that it covers the analysis alone.
+            # Other settings use another result store. The dock switches to it when the analysis starts,
+            # inside the measurement, as it does for a user who changes a setting and presses Analyse.
             widget.start_timestep.setValue(arguments.start_timestep)
-            earlier = widget.prepared
-            widget.show_stored_results()
-            run_event_loop(lambda: widget.prepared is not earlier, arguments.timeout, "the stored results")
-            run_event_loop(lambda: widget.worker is None, arguments.timeout, "the stored results")
 
         canvas_height, canvas_width = viewer.window._qt_viewer.canvas.size
         camera = viewer_camera(viewer)
@@ -323,7 +360,9 @@ def measure(arguments: argparse.Namespace, bundle_folder: Path) -> dict[str, Any
         pan_latency = run_event_loop(pan_cell_scored, arguments.timeout, "a heatmap cell after the pan")
         run_event_loop(lambda: widget.worker is None, arguments.timeout, "the analysis")
         finished_count()
-        analysis_stalls = meter.stop()
+        # Until the first batch, the worker reads the slide's tissue and loads the models. After it, batches
+        # arrive and the view pans: the steady state of an analysis.
+        analysis_stalls = meter.stop(split_s=prepared_s + first_batch_s)
         status = widget.status_label.text()
     finally:
         viewer.close()
@@ -356,7 +395,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         "| phase | seconds | timer calls | longest gap (ms) | 99th percentile gap (ms) | median gap (ms) | gaps over 100 ms |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in (("viewer idle", idle), ("analysis running", analysis)):
+    rows = [("viewer idle", idle), ("analysis running", analysis)]
+    if "before_split" in analysis:
+        rows += [
+            ("of which until the first batch", analysis["before_split"]),
+            ("of which from the first batch", analysis["after_split"]),
+        ]
+    for name, row in rows:
         lines.append(
             f"| {name} | {row['seconds']:.1f} | {row['calls']} | {row['max_gap_ms']:.0f} | {row['p99_gap_ms']:.0f} "
             f"| {row['median_gap_ms']:.1f} | {row['gaps_over_100ms']} |"
@@ -371,10 +416,11 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for stall in analysis["longest_stalls"][:1]:
         where = stall["gui_thread_stacks"][0] if stall["gui_thread_stacks"] else "no stack sampled"
+        worker = stall["worker_thread_stacks"][0] if stall["worker_thread_stacks"] else "no stack sampled"
         lines += [
             "",
             f"Longest stall while analysing: {stall['gap_ms']:.0f} ms, ending {stall['ended_at_s']:.1f} s after "
-            f"the start; the GUI thread was in: `{where[:300]}`.",
+            f"the start; the GUI thread was in: `{where[:300]}`. The analysis worker was in: `{worker[:300]}`.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -275,6 +275,10 @@ def test_viewer_responsiveness_demo(tmp_path: Path, demo_bundle_dir: Path) -> No
     )
     assert report["idle"]["calls"] > 0
     assert report["analysis"]["calls"] > 0
+    before, after = report["analysis"]["before_split"], report["analysis"]["after_split"]
+    assert before["calls"] + after["calls"] == report["analysis"]["calls"]
+    assert report["analysis"]["split_s"] == pytest.approx(report["seconds_to_first_batch"])
+    assert max(before["max_gap_ms"], after["max_gap_ms"]) == pytest.approx(report["analysis"]["max_gap_ms"])
     assert report["first_view_cells"] >= 1
     assert report["pan_view_cells"] >= 1
     assert 0 < report["pan_to_first_cell_seconds"] < 300

@@ -17,6 +17,7 @@ slide with a full store gets its triage map without scoring, and a partial store
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -214,9 +215,19 @@ class ModelCache:
         key = (str(Path(folder).resolve()), str(device), settings.score_key())
         with self._lock:
             if key not in self._scorers:
-                # One model in memory at a time: a new setting or device replaces the old scorer.
+                # One model in memory at a time. A setting that leaves the models as they are (the start
+                # timestep, for one) reuses them, and any other setting or device loads them again.
+                reused = None
+                for (other_folder, other_device, _), other in self._scorers.items():
+                    if (other_folder, other_device) == key[:2] and hasattr(other, "with_settings"):
+                        reused = other.with_settings(settings)
+                if reused is None and self._scorers:
+                    # The old models were frozen with everything else: unfrozen, the collector can free
+                    # those of them that are in reference cycles.
+                    gc.unfreeze()
                 self._scorers.clear()
-                self._scorers[key] = make_scorer(bundle, str(device), settings)
+                self._scorers[key] = reused or make_scorer(bundle, str(device), settings)
+                freeze_objects()
             return self._scorers[key]
 
     def triage_scorer(self, folder: Path, bundle: Any, device: Any) -> Any:
@@ -954,9 +965,16 @@ class AnalysisWidget(QWidget):
             and analysis.method == method
         )
         if not same:
-            if analysis is not None:
+            # Other settings or another method on the same slide and grid show in the same layers.
+            grid_shape = (int(prepared.grid.shape[0]), int(prepared.grid.shape[1]))
+            previous = (
+                analysis if analysis is not None and analysis.can_hand_over(layer, grid_shape) else None
+            )
+            if analysis is not None and previous is None:
                 analysis.remove_layers()
-            analysis = SlideAnalysis(self.viewer, layer, prepared.slide, prepared.grid, method=method)
+            analysis = SlideAnalysis(
+                self.viewer, layer, prepared.slide, prepared.grid, method=method, previous=previous
+            )
             self.analysis = analysis
         assert analysis is not None
         analysis.store = prepared.store
@@ -1137,6 +1155,19 @@ def import_model_code() -> None:
     import napari_anopilad.method.scorer
     import napari_anopilad.method.scorers
     import napari_anopilad.method.triage  # noqa: F401
+
+    freeze_objects()
+
+
+def freeze_objects() -> None:
+    """Move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    A full collection walks every tracked object: with napari, Qt, torch and the models loaded, more
+    than a million. It runs in whichever thread allocates, holding the GIL, and a collection in the
+    analysis worker stopped the GUI thread for 0.4 to 0.5 s. Modules, classes and loaded models live as
+    long as the process, so leaving them out costs nothing. Garbage among them stays until exit.
+    """
+    gc.freeze()
 
 
 def _set_control_value(control: QWidget, value: Any) -> None:
