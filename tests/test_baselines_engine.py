@@ -174,6 +174,10 @@ def test_analyze_command_runs_a_memae_bundle(tmp_path: Path, cmu_slide_path: Pat
     assert "--score lpips is not a memae score: use one of mse, l1" in capsys.readouterr().err
     assert main([*args, "--triage"]) == 2
     assert "--triage needs an AnoPILaD bundle" in capsys.readouterr().err
+    assert main([*args, "--compile", "default"]) == 2
+    assert "--compile applies to AnoPILaD's UNet only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compiling applies to AnoPILaD's UNet only"):
+        make_scorer(load_any_bundle(bundle), "cpu", compile_mode="default")
 
 
 def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_path: Path, capsys: Any) -> None:
@@ -188,6 +192,10 @@ def test_cohort_checks_settings_for_a_memae_bundle(tmp_path: Path, cmu_slide_pat
     error = capsys.readouterr().err
     assert "--sampler, --start-timestep: AnoPILaD settings" in error
     assert "memae bundle" in error
+    assert not (tmp_path / "out").exists()
+
+    assert main([*args, "--compile", "reduce-overhead"]) == 2
+    assert "--compile: AnoPILaD settings" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
     # --triage needs an AnoPILaD bundle, which bundle.json shows before any cluster starts.

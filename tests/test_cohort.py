@@ -7,6 +7,7 @@ single-machine ``anopilad analyze`` on the same cells, value for value.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -28,6 +29,7 @@ from napari_anopilad.cli import main
 from napari_anopilad.commands.analyze import cells_in_region
 from napari_anopilad.engine.cohort import (
     COHORT_COLUMNS,
+    CohortOptions,
     CohortSlide,
     SlideOutcome,
     select_cells,
@@ -522,3 +524,26 @@ def test_command_slide_list_and_scheduler(tmp_path: Path, capsys: pytest.Capture
     from napari_anopilad.commands.analyze_cohort import read_slide_list
 
     assert read_slide_list(listing) == [tmp_path / "first.svs", Path("/elsewhere/second.svs")]
+
+
+def test_compile_mode_reaches_worker_scorer(
+    tmp_path: Path, demo_bundle_dir: Path, cmu_slide_path: Path
+) -> None:
+    from napari_anopilad.commands.analyze_cohort import add_parser, build_cohort
+    from napari_anopilad.engine import cohort
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    argv = [str(cmu_slide_path), "--bundle", str(demo_bundle_dir), "--out", str(tmp_path / "out")]
+    args = parser.parse_args([*argv, "--compile", "reduce-overhead"])
+    _, options = build_cohort(args)
+    eager_options = CohortOptions(bundle=demo_bundle_dir, out=tmp_path / "out")
+
+    model = cohort._load_model(options, with_scorer=True)
+
+    assert options.compile_mode == "reduce-overhead"
+    assert cohort._model_key(options) != cohort._model_key(eager_options)
+    assert model.scorer.compile_mode == "reduce-overhead"
+    assert isinstance(model.scorer.unet, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(cmu_slide_path), "--bundle", "b", "--out", "o", "--compile", "fast"])
+    cohort._cache.clear()

@@ -259,3 +259,34 @@ def test_model_cache_reuses_models(demo_bundle_dir: Path) -> None:
     assert later_start.settings.start_timestep == 500
     assert bfloat16.unet is not first.unet
     assert next(bfloat16.unet.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compiled_cli_run_gives_eager_scores(
+    tmp_path: Path, demo_bundle_dir: Path, cmu_slide_path: Path
+) -> None:
+    """``anopilad analyze --compile`` on one patch, against the same run without compiling."""
+    from napari_anopilad.cli import main
+    from napari_anopilad.io.tables import read_patches_csv
+
+    args = ["analyze", str(cmu_slide_path), "--bundle", str(demo_bundle_dir), "--device", "cpu"]
+    args += ["--region", "1024", "1024", "256", "256", "--start-timestep", "21"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
+        out = tmp_path / name
+        # Compiling is not part of the result store's key, so each run gets its own store.
+        assert main([*args, "--out", str(out), "--store", str(tmp_path / f"store-{name}"), *extra]) == 0
+        runs[name] = read_patches_csv(out / "patches.csv")
+
+    assert len(runs["eager"]) >= 1
+    assert len(runs["compiled"]) == len(runs["eager"])
+    for compiled, eager in zip(runs["compiled"], runs["eager"], strict=True):
+        assert (compiled["row"], compiled["col"]) == (eager["row"], eager["col"])
+        assert compiled["prompt"] == eager["prompt"]
+        np.testing.assert_allclose(compiled["lpips"], eager["lpips"], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(compiled["mse_latent"], eager["mse_latent"], rtol=1e-3, atol=1e-6)
+
+
+def test_compile_mode_is_checked(demo_bundle_dir: Path) -> None:
+    with pytest.raises(ValueError, match="compile mode 'fast' is invalid: use one of default"):
+        AnoPILaDScorer(load_bundle(demo_bundle_dir), compile_mode="fast")

@@ -38,6 +38,7 @@ from napari_anopilad.engine.triage_pass import (
     check_budget,
     check_triage_method,
 )
+from napari_anopilad.method.settings import COMPILE_MODES
 
 __all__ = [
     "DEMO_WARNING",
@@ -208,6 +209,13 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         help="ablation: reconstruct with the empty prompt and no guidance",
     )
     parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile AnoPILaD's UNet: default, reduce-overhead (CUDA graphs) or max-autotune; "
+        "compiling takes minutes per batch size (default: no compiling)",
+    )
+    parser.add_argument(
         "--store",
         type=Path,
         metavar="DIR",
@@ -264,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
             store_root=args.store,
             allow_download=args.allow_download,
             triage=parse_triage_settings(args),
+            compile_mode=args.compile,
         )
     except OutOfMemoryAtBatchSizeOne as error:
         # The finished batches are in the result store, so the same command resumes after the fix.
@@ -446,24 +455,28 @@ def analyze(
     allow_download: bool = False,
     progress: bool = True,
     triage: TriageSettings | None = None,
+    compile_mode: str | None = None,
 ) -> AnalysisOutputs:
     """Analyse one slide and write every output file; see ``anopilad analyze --help`` for the options.
 
     With ``triage``, the triage pass scores every tissue patch (of the region) first and AnoPILaD scores
     only the triage budget, highest triage z-score first; the outputs then hold both maps.
+    ``compile_mode`` compiles AnoPILaD's UNet with ``torch.compile`` in that mode.
 
     Raises
     ------
     CommandError, ValueError, FileNotFoundError
         For a missing or unreadable slide or bundle, an unknown mpp without ``mpp``, a region outside
         the slide or without tissue, an unavailable device, or ``triage`` with a bundle that has no valid
-        triage reference. Each message names the value and the fix.
+        triage reference, or ``compile_mode`` with a comparison method's bundle. Each message names the
+        value and the fix.
     """
     from napari_anopilad.engine.device import check_precision, choose_device, describe_device
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
     from napari_anopilad.engine.session import AnalysisSession
     from napari_anopilad.engine.store import ResultStore, grid_description
     from napari_anopilad.method.scorers import (
+        ANOPILAD,
         load_any_bundle,
         make_scorer,
         method_label,
@@ -497,6 +510,11 @@ def analyze(
         )
     if triage is not None:
         check_triage_method(method, bundle_folder)
+    if compile_mode is not None and method != ANOPILAD:
+        raise CommandError(
+            f"--compile applies to AnoPILaD's UNet only, but {bundle_folder} is a {method_label(method)} "
+            "bundle: leave out --compile"
+        )
     if save_reconstructions and not reconstructs(bundle):
         raise CommandError(
             f"--save-reconstructions: the {method_label(method)} method of {bundle_folder} scores likelihoods "
@@ -552,7 +570,7 @@ def analyze(
         if n_reused < len(target):
             # Loading the models takes a while, so it happens only when some patch needs them.
             logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
-            scorer = make_scorer(bundle, str(torch_device), settings)
+            scorer = make_scorer(bundle, str(torch_device), settings, compile_mode=compile_mode)
             session = AnalysisSession(
                 slide,
                 grid,

@@ -142,7 +142,9 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
 
     triage = parse_triage_settings(args)
     if args.scheduler is None:
-        _check_method_settings(args.bundle, _setting_overrides(args), triage=triage is not None)
+        _check_method_settings(
+            args.bundle, _setting_overrides(args), triage=triage is not None, compile_mode=args.compile
+        )
 
     absolute = [path.expanduser().absolute() for path in paths]
     slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
@@ -160,15 +162,18 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         max_patches=args.max_patches,
         save_reconstructions=args.save_reconstructions,
         triage=triage,
+        compile_mode=args.compile,
     )
     return slides, options
 
 
-def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any], triage: bool = False) -> None:
+def _check_method_settings(
+    bundle_folder: Path, overrides: dict[str, Any], triage: bool = False, compile_mode: str | None = None
+) -> None:
     """Check the setting flags against the bundle's method before a cluster starts.
 
-    AnoPILaD's own flags on a comparison method's bundle, ``--triage`` with one, and a ``--score`` the
-    method lacks raise CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
+    AnoPILaD's own flags (``--compile`` among them) on a comparison method's bundle, ``--triage`` with
+    one, and a ``--score`` the method lacks raise CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
     """
     from napari_anopilad.commands.analyze import SETTING_FLAGS
     from napari_anopilad.engine.triage_pass import check_triage_method
@@ -197,6 +202,8 @@ def _check_method_settings(bundle_folder: Path, overrides: dict[str, Any], triag
         for name, value in overrides.items()
         if name in SETTING_FLAGS and name != "score" and not (name == "precision" and value == "float32")
     ]
+    if compile_mode is not None:
+        flags.append("--compile")
     if flags:
         raise CommandError(
             f"{', '.join(flags)}: AnoPILaD settings, which do not apply to the {method} bundle {bundle_folder}; "

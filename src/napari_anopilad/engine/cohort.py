@@ -95,6 +95,9 @@ class CohortOptions:
     triage : TriageSettings or None
         Run the triage pass over every slide's cells first and score only its diffusion plan's cells
         (``anopilad analyze --triage``); None scores every cell.
+    compile_mode : str or None
+        ``torch.compile`` mode of AnoPILaD's UNet in each worker (``anopilad analyze --compile``); None runs
+        it eagerly.
     """
 
     bundle: Path
@@ -110,6 +113,7 @@ class CohortOptions:
     max_patches: int | None = None
     save_reconstructions: bool = False
     triage: TriageSettings | None = None
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
@@ -271,13 +275,13 @@ class _LoadedModel:
 
 
 _cache_lock = threading.Lock()
-_cache: dict[tuple[str, str, str], _LoadedModel] = {}
+_cache: dict[tuple[str, str, str, str], _LoadedModel] = {}
 
 
-def _model_key(options: CohortOptions) -> tuple[str, str, str]:
-    # A long-lived worker may serve cohorts with another bundle, other settings or another device.
+def _model_key(options: CohortOptions) -> tuple[str, str, str, str]:
+    # A long-lived worker may serve cohorts with another bundle, other settings, device or compile mode.
     overrides = json.dumps(options.overrides, sort_keys=True, default=str)
-    return str(Path(options.bundle).resolve()), overrides, options.device
+    return str(Path(options.bundle).resolve()), overrides, options.device, str(options.compile_mode)
 
 
 def _load_model(options: CohortOptions, with_scorer: bool, with_triage: bool = False) -> _LoadedModel:
@@ -312,7 +316,7 @@ def _load_model(options: CohortOptions, with_scorer: bool, with_triage: bool = F
 
             device = choose_device(options.device)
             check_precision(device, model.settings.precision)
-            model.scorer = make_scorer(model.bundle, str(device), model.settings)
+            model.scorer = make_scorer(model.bundle, str(device), model.settings, options.compile_mode)
             logger.info("Built the scorer on %s with %s", describe_device(device), model.settings)
         triage = options.triage
         if with_triage and triage is not None and (model.triage_scorer is None or model.triage_k != triage.k):

@@ -22,7 +22,7 @@ from napari_anopilad.method.prompts import (
     encode_empty_prompt,
     keyword_prompts_for_images,
 )
-from napari_anopilad.method.settings import SCORES, InferenceSettings
+from napari_anopilad.method.settings import COMPILE_MODES, SCORES, InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,26 @@ class AnoPILaDScorer:
         Torch device for all models.
     settings
         Inference settings; the bundle's when None.
+    compile_mode
+        A ``torch.compile`` mode for the UNet (one of ``COMPILE_MODES``), or None to run it eagerly. The
+        first batch of each new batch size compiles, which takes minutes.
     """
 
     def __init__(
-        self, bundle: Bundle, device: str = "cpu", settings: InferenceSettings | None = None
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        settings: InferenceSettings | None = None,
+        compile_mode: str | None = None,
     ) -> None:
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile mode {compile_mode!r} is invalid: use one of {', '.join(COMPILE_MODES)}"
+            )
         self.bundle = bundle
         self.device = torch.device(device)
         self.settings = settings or bundle.settings
+        self.compile_mode = compile_mode
         self.unet_dtype = self._unet_dtype()
 
         # diffusers registers the components at run time, so mypy cannot see them on the class.
@@ -100,6 +112,9 @@ class AnoPILaDScorer:
         self.unet = pipeline.unet
         if self.unet_dtype != torch.float32:
             self.unet = self.unet.to(self.unet_dtype)
+        if compile_mode is not None:
+            # Static shapes: a new batch size (the last, smaller batch of a slide) compiles once more.
+            self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
         # The VAE stays in float32 (as loaded): SD1.5's VAE overflows in float16 on some inputs.
         self.vae = pipeline.vae
         self.tokenizer = pipeline.tokenizer

@@ -76,10 +76,21 @@ def settings_with(bundle: Any, **overrides: Any) -> Any:
     return bundle.settings.with_overrides(**overrides)
 
 
-def make_scorer(bundle: Any, device: Any = "cpu", settings: Any = None) -> Any:
-    """Build the scorer of a loaded bundle on ``device`` under ``settings`` (the bundle's when None)."""
+def make_scorer(
+    bundle: Any, device: Any = "cpu", settings: Any = None, compile_mode: str | None = None
+) -> Any:
+    """Build the scorer of a loaded bundle on ``device`` under ``settings`` (the bundle's when None).
+
+    ``compile_mode`` compiles AnoPILaD's UNet (see ``AnoPILaDScorer``). It raises ValueError for a
+    comparison method's bundle.
+    """
     if isinstance(bundle, BaselineBundle):
+        if compile_mode is not None:
+            raise ValueError(
+                f"compiling applies to AnoPILaD's UNet only, but this is a {method_label(bundle.method)} "
+                "bundle: leave out the compile mode"
+            )
         return scorer_class_for(bundle.method)(bundle, device=device, settings=settings)
     from napari_anopilad.method.scorer import AnoPILaDScorer
 
-    return AnoPILaDScorer(bundle, device=device, settings=settings)
+    return AnoPILaDScorer(bundle, device=device, settings=settings, compile_mode=compile_mode)

@@ -11,6 +11,9 @@ SAMPLERS = ("ddim", "plms")
 SCORES = ("lpips", "mse_latent")
 PROMPT_STYLES = ("marks", "numeric")
 PRECISIONS = ("float32", "float16", "bfloat16")
+# torch.compile modes offered for the UNet. "reduce-overhead" replays the UNet call from CUDA graphs.
+# Compiling changes speed, not scores (to float rounding), so it is not one of the settings.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
