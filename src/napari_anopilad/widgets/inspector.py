@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZE_SCREEN = 192
 DEFAULT_TOP_COUNT = 25
+CHOOSE_PATCH_TEXT = "Click a patch on the slide or choose one in the list."
 
 
 def difference_image(original: NDArray[np.uint8], reconstruction: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -85,6 +86,8 @@ class InspectorWidget(QWidget):
         self.analyses = analyses_for(napari_viewer)
         self._analysis: SlideAnalysis | None = None
         self.current_cell: tuple[int, int] | None = None
+        # Whether the patch on show had scores when it was shown.
+        self._shown_scored = False
         self.current_images: dict[str, NDArray[np.uint8]] = {}
         self._reconstruction_worker: Any = None
 
@@ -105,7 +108,7 @@ class InspectorWidget(QWidget):
         top_header.addWidget(QLabel("show"))
         top_header.addWidget(self.top_count)
 
-        self.title_label = QLabel("Click a patch on the slide or choose one in the list.")
+        self.title_label = QLabel(CHOOSE_PATCH_TEXT)
         self.title_label.setWordWrap(True)
         self.image_labels: dict[str, QLabel] = {}
         images = QGridLayout()
@@ -173,15 +176,41 @@ class InspectorWidget(QWidget):
     # -- analysis --------------------------------------------------------------------------------
 
     def _set_analysis(self, analysis: SlideAnalysis | None) -> None:
-        if self._analysis is not None:
-            self._analysis.results_changed.disconnect(self.refresh_top_list)
-            self._analysis.patch_selected.disconnect(self.show_patch)
+        previous, cell = self._analysis, self.current_cell
+        if previous is not None:
+            previous.results_changed.disconnect(self._on_results_changed)
+            previous.patch_selected.disconnect(self.show_patch)
         self._analysis = analysis
         self.current_cell = None
         if analysis is not None:
-            analysis.results_changed.connect(self.refresh_top_list)
+            analysis.results_changed.connect(self._on_results_changed)
             analysis.patch_selected.connect(self.show_patch)
         self.refresh_top_list()
+
+        # Other settings on the same slide: the patch on show is shown again with the new analysis's
+        # scores, so no number from the earlier settings stays on screen.
+        same_slide = (
+            analysis is not None and previous is not None and analysis.slide_layer is previous.slide_layer
+        )
+        if same_slide and cell is not None and analysis is not None:
+            self.show_patch(*cell)
+        else:
+            self._clear_patch()
+
+    def _on_results_changed(self) -> None:
+        self.refresh_top_list()
+        # A patch shown before it was scored is shown again once its scores arrive.
+        analysis, cell = self._analysis, self.current_cell
+        if analysis is not None and cell is not None and not self._shown_scored:
+            if analysis.patch_record(*cell) is not None:
+                self.show_patch(*cell)
+
+    def _clear_patch(self) -> None:
+        self._shown_scored = False
+        self.title_label.setText(CHOOSE_PATCH_TEXT)
+        for name in ("original", "reconstruction", "difference"):
+            self._clear_image(name)
+        self._show_record(None)
 
     def refresh_top_list(self) -> None:
         """List the patches with the highest z-scores, keeping the current one selected."""
@@ -270,6 +299,7 @@ class InspectorWidget(QWidget):
         self._clear_image("reconstruction")
         self._clear_image("difference")
         self._show_record(record)
+        self._shown_scored = record is not None
         if record is None:
             self.title_label.setText(f"{self.title_label.text()}: not analysed yet")
             return
@@ -338,20 +368,31 @@ class InspectorWidget(QWidget):
         if self._reconstruction_worker is not None:
             self._reconstruction_worker.quit()
 
-        worker = thread_worker(analysis.compute_reconstruction, start_thread=False)(row, col)
-        worker.returned.connect(lambda image: self._on_reconstruction(row, col, original, image))
-        worker.errored.connect(lambda error: self._on_reconstruction_error(row, col, error))
+        # _on_reconstruction_error shows the error: ignore_errors keeps it from being raised again in Qt.
+        worker = thread_worker(analysis.compute_reconstruction, start_thread=False, ignore_errors=True)(
+            row, col
+        )
+        worker.returned.connect(lambda image: self._on_reconstruction(analysis, row, col, original, image))
+        worker.errored.connect(lambda error: self._on_reconstruction_error(analysis, row, col, error))
         self._reconstruction_worker = worker
         worker.start()
 
     def _on_reconstruction(
-        self, row: int, col: int, original: NDArray[np.uint8], image: NDArray[np.uint8]
+        self,
+        analysis: SlideAnalysis,
+        row: int,
+        col: int,
+        original: NDArray[np.uint8],
+        image: NDArray[np.uint8],
     ) -> None:
-        if self.current_cell == (row, col):
+        # A reconstruction under earlier settings is not shown next to the current analysis's scores.
+        if self._analysis is analysis and self.current_cell == (row, col):
             self._show_reconstruction(row, col, original, image)
 
-    def _on_reconstruction_error(self, row: int, col: int, error: BaseException) -> None:
-        if self.current_cell == (row, col):
+    def _on_reconstruction_error(
+        self, analysis: SlideAnalysis, row: int, col: int, error: BaseException
+    ) -> None:
+        if self._analysis is analysis and self.current_cell == (row, col):
             self.image_labels["reconstruction"].setText("failed")
         show_error(f"Could not reconstruct patch (row {row}, col {col}): {error}")
 
