@@ -60,6 +60,7 @@ from napari_anopilad.method.baselines.base import BaselineSettings
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.scorers import ANOPILAD, method_label
 from napari_anopilad.method.settings import SAMPLERS, SCORES, InferenceSettings
+from napari_anopilad.slide.errors import SlideError
 from napari_anopilad.widgets.layers import cells_in_box, show_triage_layer, viewer_camera, visible_box_level0
 from napari_anopilad.widgets.model import PatchAccumulator, SlideAnalysis, analyses_for, slide_metadata
 
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 # Pans and zooms within this many milliseconds of each other re-queue the view once.
 REQUEUE_DELAY_MS = 300
 DEFAULT_BATCH_SIZE = 8
+MPP_LABEL = "Level-0 µm/pixel"
 
 
 # -- messages from the worker --------------------------------------------------------------------
@@ -87,6 +89,8 @@ class AnalysisRequest:
     visible_box_level0: tuple[float, float, float, float] | None
     store_root: Path
     load_only: bool = False
+    # Level-0 microns per pixel for a slide whose metadata lacks it; None keeps the slide's own.
+    mpp: float | None = None
     triage: bool = False
     triage_score: str = DEFAULT_TRIAGE_SCORE
     triage_budget: float = DEFAULT_BUDGET_FRACTION
@@ -260,7 +264,13 @@ def analysis_worker(
     from napari_anopilad.slide import build_patch_grid
 
     # 1. The slide's grid, the bundle and what the store already holds: shown before any model runs.
-    slide = opened_slide(request.slide_path)
+    slide = opened_slide(request.slide_path, mpp=request.mpp)
+    if slide.mpp is None:
+        raise SlideError(
+            f"{Path(request.slide_path).name}: the slide's resolution (microns per pixel) is not in its "
+            f"metadata; set '{MPP_LABEL}' in the Anomaly analysis dock (for example 0.25 for a 40x scan, "
+            "0.5 for 20x) and analyse again"
+        )
     bundle = models.bundle(request.bundle_folder)
     method = method_of(bundle)
     if request.triage and method != ANOPILAD:
@@ -404,6 +414,10 @@ class AnalysisWidget(QWidget):
         self.prepared: Prepared | None = None
         self.progress_bar: Any = None
         self.follow_view = False
+        # Set when the user presses Analyse while the stored results are read: whole slide or not.
+        self._queued_start: bool | None = None
+        # Whether the last run ended with an error.
+        self.failed = False
         self.device_name = ""
         self._last_batch_time = 0.0
         self._bundle_worker: Any = None
@@ -472,6 +486,16 @@ class AnalysisWidget(QWidget):
         self.batch_size = QSpinBox()
         self.batch_size.setRange(1, 512)
         self.batch_size.setValue(DEFAULT_BATCH_SIZE)
+        self.mpp = QDoubleSpinBox()
+        self.mpp.setRange(0.0, 100.0)
+        self.mpp.setDecimals(4)
+        self.mpp.setSingleStep(0.01)
+        self.mpp.setSpecialValueText("from the slide")
+        self.mpp.setValue(0.0)
+        self.mpp.setToolTip(
+            "Level-0 microns per pixel, for a slide whose metadata lacks it (0.25 for a 40x scan, 0.5 for 20x); "
+            "'from the slide' uses the slide's own"
+        )
         self.save_reconstructions = QCheckBox("Store reconstructions")
         self.save_reconstructions.setToolTip(
             "Keep every reconstructed patch on disk for the inspector; otherwise it recomputes one on demand"
@@ -487,6 +511,7 @@ class AnalysisWidget(QWidget):
         form.addRow("Guidance scale", self.guidance_scale)
         form.addRow("Score", self.score_choice)
         form.addRow("Batch size", self.batch_size)
+        form.addRow(MPP_LABEL, self.mpp)
         form.addRow("", self.save_reconstructions)
         self._add_triage_rows(form)
         # The tooltips of the controls that a comparison method may not use, restored for AnoPILaD.
@@ -723,7 +748,8 @@ class AnalysisWidget(QWidget):
 
             return Path(make_demo_bundle(folder))
 
-        worker = thread_worker(build, start_thread=False)()
+        # The errored handler shows the error: ignore_errors keeps it from being raised again in Qt.
+        worker = thread_worker(build, start_thread=False, ignore_errors=True)()
         worker.returned.connect(self.set_bundle_folder)
         worker.errored.connect(
             lambda error: show_error(f"Could not build the demo bundle in {folder}: {error}")
@@ -786,6 +812,7 @@ class AnalysisWidget(QWidget):
             visible_box_level0=box,
             store_root=default_store_root(),
             load_only=load_only,
+            mpp=float(self.mpp.value()) if self.mpp.value() > 0 else None,
             triage=self.triage_check.isChecked() and self.triage_check.isEnabled(),
             triage_score=self.triage_score.currentText(),
             triage_budget=float(self.triage_budget.value()),
@@ -795,6 +822,11 @@ class AnalysisWidget(QWidget):
     def start_analysis(self, whole_slide: bool) -> None:
         """Analyse the patches in view (and those that come into view), or the whole slide, in view first."""
         if self.worker is not None:
+            if self.request is not None and self.request.load_only:
+                # Only the stored results are being read: the analysis starts as soon as that ends.
+                self._queued_start = whole_slide
+                self.status_label.setText("Reading the stored results; the analysis starts next...")
+                return
             show_info("An analysis is running: press Stop first.")
             return
         request = self._make_request(whole_slide)
@@ -815,7 +847,12 @@ class AnalysisWidget(QWidget):
         if request.triage and not request.load_only:
             self.triage_ready = None
         self.control = AnalysisControl()
-        worker = thread_worker(analysis_worker, start_thread=False)(request, self.control, self.models)
+        self.failed = False
+        # _on_error shows the error once: ignore_errors keeps it from being raised again in Qt, which
+        # would reach sys.excepthook a second time and abort a process without napari's hook.
+        worker = thread_worker(analysis_worker, start_thread=False, ignore_errors=True)(
+            request, self.control, self.models
+        )
         worker.yielded.connect(lambda message: self._handle_in_order(self._on_message, message))
         worker.errored.connect(lambda error: self._handle_in_order(self._on_error, error))
         worker.finished.connect(lambda: self._handle_in_order(self._on_finished))
@@ -1033,7 +1070,10 @@ class AnalysisWidget(QWidget):
     def _on_error(self, error: BaseException) -> None:
         logger.error("Analysis failed", exc_info=error)
         show_error(f"The analysis failed: {error}")
+        self.status_label.setText(f"Failed: {error}")
+        self.failed = True
         self.follow_view = False
+        self._queued_start = None
 
     def _on_finished(self) -> None:
         stopped = self.control is not None and self.control.stopped
@@ -1042,7 +1082,11 @@ class AnalysisWidget(QWidget):
             self.progress_bar.close()
             self.progress_bar = None
         self._set_running(False)
-        if self.request is not None and not self.request.load_only:
+        if self._queued_start is not None:
+            whole_slide, self._queued_start = self._queued_start, None
+            self.start_analysis(whole_slide)
+            return
+        if self.request is not None and not self.request.load_only and not self.failed:
             done = len(self.accumulator) if self.accumulator is not None else 0
             state = "Stopped" if stopped else "Finished"
             follow = " Pan or zoom to analyse more of the slide." if self.follow_view else ""

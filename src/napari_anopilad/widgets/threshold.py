@@ -154,7 +154,7 @@ class ThresholdWidget(QWidget):
         if source == "calibration":
             text = "against the bundle's calibration on normal patches"
         elif source.startswith("within-slide"):
-            text = "within this slide (the bundle has no calibration)"
+            text = "within this slide (the bundle has no calibration measured under these settings)"
             if "too few" in source:
                 text += ": needs at least two patches with different scores"
         else:
