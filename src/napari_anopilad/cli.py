@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 # Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 # Modules are imported lazily so that ``anopilad info`` does not pay for importing torch.
@@ -22,6 +25,46 @@ COMMANDS: dict[str, str] = {
 
 class CommandError(Exception):
     """An error that the command line prints as one line, with exit status 2."""
+
+
+def prepare_output_folder(folder: Path, label: str) -> Path:
+    """Create ``folder`` when missing and prove it writable by creating and removing a temporary file.
+
+    Commands call this before loading any model, so that a folder they cannot write to fails at once
+    instead of after the slide is scored. ``label`` names the folder in messages (``--out``, ``--store``).
+
+    Raises
+    ------
+    CommandError
+        When ``folder`` is an existing file, cannot be created, or is not writable.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(
+            f"{label} {folder} is a file, not a folder: give a folder path (it is created when missing)"
+        )
+    file_parent = next((parent for parent in folder.parents if parent.is_file()), None)
+    if file_parent is not None:
+        raise CommandError(
+            f"{label} {folder} could not be created, because {file_parent} is a file: "
+            "give a folder path that you can write to"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"{label} {folder} could not be created ({error.strerror or error}): "
+            "give a folder path that you can write to"
+        ) from error
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".anopilad-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise CommandError(
+            f"{label} {folder} is not writable ({error.strerror or error}): give a folder that you can write to"
+        ) from error
+    return folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
+    except (CommandError, ValueError, OSError) as error:
+        # OSError covers the file system errors that no check before the work foresaw, such as a full
+        # disk; its message names the file.
         if args.verbose:
             raise
         print(f"anopilad {args.command}: error: {error}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_anopilad.cli import CommandError
+from napari_anopilad.cli import CommandError, prepare_output_folder
 
 # The output writers live in the engine, so that cohort workers write the same files; these names stay
 # importable from here.
@@ -466,10 +466,10 @@ def analyze(
     Raises
     ------
     CommandError, ValueError, FileNotFoundError
-        For a missing or unreadable slide or bundle, an unknown mpp without ``mpp``, a region outside
-        the slide or without tissue, an unavailable device, or ``triage`` with a bundle that has no valid
-        triage reference, or ``compile_mode`` with a comparison method's bundle. Each message names the
-        value and the fix.
+        For a missing or unreadable slide or bundle, an output or store folder that cannot be created or
+        written to, an unknown mpp without ``mpp``, a region outside the slide or without tissue, an
+        unavailable device, or ``triage`` with a bundle that has no valid triage reference, or
+        ``compile_mode`` with a comparison method's bundle. Each message names the value and the fix.
     """
     from napari_anopilad.engine.device import check_precision, choose_device, describe_device
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
@@ -499,6 +499,9 @@ def analyze(
             f"bundle folder {bundle_folder} not found: give a model bundle folder "
             "(anopilad make-demo-bundle DIR makes a demo one)"
         )
+    out = prepare_output_folder(Path(out), "--out")
+    if store_root is not None:
+        prepare_output_folder(Path(store_root), "--store")
 
     torch_device = choose_device(device)
     bundle = load_any_bundle(bundle_folder, allow_download=allow_download)
@@ -522,8 +525,6 @@ def analyze(
         )
     check_precision(torch_device, settings.precision)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with open_slide(slide_path, mpp=mpp) as slide:
         tissue_mask = compute_tissue_mask(slide)
         grid = build_patch_grid(slide, tissue_mask=tissue_mask)

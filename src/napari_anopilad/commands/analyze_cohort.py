@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_anopilad.cli import CommandError
+from napari_anopilad.cli import CommandError, prepare_output_folder
 from napari_anopilad.commands.analyze import (
     DEMO_WARNING,
     add_analysis_arguments,
@@ -145,12 +145,14 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         _check_method_settings(
             args.bundle, _setting_overrides(args), triage=triage is not None, compile_mode=args.compile
         )
+    # cohort.csv goes to OUT after the last slide, so an unwritable OUT must fail before the first one.
+    out = prepare_output_folder(args.out.expanduser().absolute(), "--out")
 
     absolute = [path.expanduser().absolute() for path in paths]
     slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
     options = CohortOptions(
         bundle=args.bundle.expanduser().absolute(),
-        out=args.out.expanduser().absolute(),
+        out=out,
         store_root=args.store.expanduser().absolute() if args.store is not None else None,
         device=args.device,
         batch_size=args.batch_size,
@@ -237,7 +239,6 @@ def run(args: argparse.Namespace) -> int:
     from napari_anopilad.engine.cohort import write_cohort_csv
 
     slides, options = build_cohort(args)
-    options.out.mkdir(parents=True, exist_ok=True)
     cluster, client = _connect(args)
     try:
         print(f"Dask dashboard: {_dashboard_link(client)}")

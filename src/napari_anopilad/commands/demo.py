@@ -12,6 +12,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
+from napari_anopilad.cli import prepare_output_folder
 from napari_anopilad.commands.analyze import AnalysisOutputs, analyze, print_summary
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ def _remove_tree(folder: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(args.out, "--out")
     bundle_folder = demo_bundle(out / BUNDLE_SUBFOLDER)
 
     with as_file(files("napari_anopilad") / "data" / SAMPLE_SLIDE) as slide_path:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from napari_anopilad.cli import prepare_output_folder
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``make-demo-bundle`` subcommand to the ``anopilad`` parser."""
@@ -26,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_anopilad.method.demo import make_demo_bundle
 
-    folder = make_demo_bundle(Path(args.folder))
+    folder = prepare_output_folder(Path(args.folder), "bundle folder")
+    folder = make_demo_bundle(folder)
     print(f"demo bundle written to {folder} (tiny random models: its scores mean nothing)")
     return 0

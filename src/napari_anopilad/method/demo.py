@@ -97,6 +97,8 @@ def make_demo_bundle(folder: str | Path, calibration_images: np.ndarray | None =
         CMU-1-Small-Region slide when the package is installed without the repository.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"demo bundle: {folder} is a file, not a folder: give a new or empty folder")
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"demo bundle: {folder} is not empty; give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,173 @@
+"""Invalid command-line input: exit status 2 with one line naming the value, before any model loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from napari_anopilad.cli import CommandError, main, prepare_output_folder
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _error_line(command: str, stderr: str) -> str:
+    """Return the one line a failed command printed to stderr, checking that it is one line."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"anopilad {command}: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def regular_file(tmp_path: Path) -> Path:
+    path = tmp_path / "results.txt"
+    path.write_text("not a folder\n")
+    return path
+
+
+def test_prepare_output_folder_creates_nested(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+
+    assert prepare_output_folder(folder, "--out") == folder
+    assert folder.is_dir()
+    assert list(folder.iterdir()) == []
+
+
+def test_prepare_output_folder_rejects_file(regular_file: Path) -> None:
+    with pytest.raises(CommandError, match=r"^--out .*results.txt is a file, not a folder"):
+        prepare_output_folder(regular_file, "--out")
+
+
+def test_prepare_output_folder_rejects_file_parent(regular_file: Path) -> None:
+    with pytest.raises(CommandError, match=r"could not be created, because .*results.txt is a file"):
+        prepare_output_folder(regular_file / "out", "--out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to folders without write permission")
+def test_prepare_output_folder_rejects_read_only(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(CommandError, match=r"^--out .*read-only is not writable \(Permission denied\)"):
+            prepare_output_folder(folder, "--out")
+        with pytest.raises(CommandError, match=r"could not be created \(Permission denied\)"):
+            prepare_output_folder(folder / "out", "--out")
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("out_kind", ["file", "inside-file"])
+def test_analyze_invalid_out_fails_first(
+    out_kind: str,
+    regular_file: Path,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = regular_file if out_kind == "file" else regular_file / "out"
+    store = tmp_path / "store"
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    line = _error_line("analyze", stderr)
+    assert f"--out {out} " in line
+    assert "give a folder path" in line
+    assert stdout == ""
+    # A writable --store is not created, so no patch was scored before the check.
+    assert not store.exists()
+
+
+def test_analyze_invalid_store_fails_first(
+    regular_file: Path,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+
+    status, _, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(out),
+        "--store",
+        str(regular_file),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    assert f"--store {regular_file} is a file, not a folder" in _error_line("analyze", stderr)
+    assert not (out / "patches.csv").exists()
+
+
+@pytest.mark.parametrize("out_kind", ["file", "inside-file"])
+def test_cohort_invalid_out_fails_first(
+    out_kind: str,
+    regular_file: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = regular_file if out_kind == "file" else regular_file / "out"
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze-cohort",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    assert f"--out {out} " in _error_line("analyze-cohort", stderr)
+    # The cluster starts after the checks and announces itself on stdout.
+    assert "dask cluster" not in stdout
+
+
+@pytest.mark.parametrize("folder_kind", ["file", "inside-file"])
+def test_make_demo_bundle_invalid_folder(
+    folder_kind: str, regular_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = regular_file if folder_kind == "file" else regular_file / "bundle"
+
+    status, _, stderr = _run(capsys, "make-demo-bundle", str(folder))
+
+    assert status == 2
+    assert f"bundle folder {folder} " in _error_line("make-demo-bundle", stderr)
+
+
+def test_demo_invalid_out(regular_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, stderr = _run(capsys, "demo", "--out", str(regular_file), "--no-viewer")
+
+    assert status == 2
+    assert f"--out {regular_file} is a file" in _error_line("demo", stderr)
