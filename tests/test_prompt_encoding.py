@@ -23,6 +23,11 @@ AWKWARD_KEYWORDS = [
     "B-cell-rich",
     "ends with a hyphen-",
     "1.5 mm capsule",
+    "+",
+    "-",
+    "cells -",
+    "- cells",
+    "CD4+ T cells",
 ]
 
 
@@ -101,6 +106,12 @@ def test_embeddings_equal_compel(pipeline: Any, keywords: list[str]) -> None:
 def test_numeric_style_embeddings_equal_compel(pipeline: Any, keywords: list[str]) -> None:
     encoder = KeywordPromptEncoder(pipeline.tokenizer, pipeline.text_encoder, style="numeric")
     prompts = spread_prompts(keywords, 6, seed=8, style="numeric")
+    # A negative fifth weight (negative similarity, positive median), which Compel reads as a "-" mark
+    # followed by the number as text.
+    weights = [1.2, 1.0, 1.0, 0.5, -0.03]
+    prompts.append(
+        KeywordPrompt(keywords[:5], weights, weights, format_prompt(keywords[:5], weights, "numeric"))
+    )
 
     embeddings = encoder.encode(prompts)
 
@@ -140,7 +151,7 @@ def test_awkward_keyword_embeddings_equal_compel(pipeline: Any) -> None:
     encoder = KeywordPromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
     weights = [1.3, 1.0, 1.0, 0.88, 0.7]
     prompts = []
-    for start in range(3):
+    for start in range(len(AWKWARD_KEYWORDS)):
         chosen = (AWKWARD_KEYWORDS * 2)[start : start + 5]
         prompts.append(KeywordPrompt(chosen, weights, weights, format_prompt(chosen, weights)))
 

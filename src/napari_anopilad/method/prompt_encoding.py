@@ -4,8 +4,9 @@ Compel reads each prompt string with a pyparsing grammar, then runs the text enc
 once more for each fragment weighted below 1. Parsing costs about a tenth of a second a prompt on the CPU,
 more than the text encoder itself, and the encoder calls have batch size 1. Keyword prompts have a fixed
 structure, so :class:`KeywordPromptEncoder` builds the fragments a parse would give from the keywords and their
-marks, parsing each keyword once. It runs every encoder pass of a batch in one call and keeps the embeddings
-of recent prompts.
+marks, parsing each weighted keyword once. A keyword that Compel reads differently next to its neighbours
+sends its prompts through a parse of the whole string. The encoder runs every pass of a batch in one text
+encoder call and keeps the embeddings of recent prompts.
 
 The arithmetic is Compel's (version 2, its defaults: truncation to 77 tokens, down-weighting by masking the
 fragment):
@@ -29,18 +30,18 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from napari_anopilad.method.prompts import (
-    DOWNWEIGHT_STEP,
+    KEYWORD_SEPARATOR,
     PROMPT_PREFIX,
-    UPWEIGHT_STEP,
     KeywordPrompt,
-    escape_keyword,
-    keyword_marks,
+    format_keyword,
 )
 
 Fragment = tuple[str, float]
 
 # Compel clamps a fragment weight at this value before taking the tangent, so a weight of 0 stays finite.
 MIN_DOWNWEIGHT = 1e-5
+# Parsed texts kept: keyword groups, and whole prompts whose groups Compel reads differently in context.
+MAX_PARSED_TEXTS = 20_000
 
 
 def fuse_fragments(fragments: Sequence[Fragment]) -> tuple[Fragment, ...]:
@@ -104,7 +105,8 @@ class KeywordPromptEncoder:
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.length = tokenizer.model_max_length
-        self._group_fragments: dict[str, tuple[Fragment, ...]] = {}
+        self._parsed_texts: dict[str, tuple[Fragment, ...]] = {}
+        self._group_reads_alone: dict[str, bool] = {}
         self._fragment_tokens: dict[str, tuple[int, ...]] = {}
         self._embeddings: OrderedDict[tuple[Fragment, ...], torch.Tensor] = OrderedDict()
         self.cache_hits = 0
@@ -113,45 +115,59 @@ class KeywordPromptEncoder:
 
     # Fragments -----------------------------------------------------------------------------------------------
 
-    def keyword_weight(self, weight: float, rank: int, top_k: int) -> float:
-        """Return the weight Compel reads from the keyword's marks (or its two-decimal number)."""
-        if self.style == "numeric":
-            return float(f"{weight:.2f}")
-        marks = keyword_marks(weight, rank, top_k)
-        if marks.startswith("+"):
-            return math.pow(UPWEIGHT_STEP, len(marks))
-        if marks.startswith("-"):
-            return math.pow(DOWNWEIGHT_STEP, len(marks))
-        return 1.0
-
     def fragments(self, prompt: KeywordPrompt) -> tuple[Fragment, ...]:
         """Return the weighted fragments Compel's parser gives for the prompt's string."""
         top_k = len(prompt.keywords)
-        pieces: list[Fragment] = list(self._parsed(PROMPT_PREFIX.strip(), group=False))
-        for rank, (keyword, weight) in enumerate(zip(prompt.keywords, prompt.weights, strict=True)):
-            if rank > 0:
-                pieces.append(("and", 1.0))
-            scale = self.keyword_weight(weight, rank, top_k)
-            pieces.extend((text, inner * scale) for text, inner in self._parsed(keyword, group=True))
+        groups = [
+            format_keyword(keyword, weight, rank, top_k, self.style)
+            for rank, (keyword, weight) in enumerate(zip(prompt.keywords, prompt.weights, strict=True))
+        ]
+        if not all(self._reads_alone(group) for group in groups):
+            # Compel reads one of the groups differently next to its neighbours: parse the whole prompt.
+            return self._parsed(PROMPT_PREFIX + KEYWORD_SEPARATOR.join(groups))
+        pieces: list[Fragment] = list(self._parsed(PROMPT_PREFIX.strip()))
+        for index, group in enumerate(groups):
+            if index > 0:
+                pieces.append((KEYWORD_SEPARATOR.strip(), 1.0))
+            pieces.extend(self._parsed(group))
         return fuse_fragments(pieces)
 
-    def _parsed(self, text: str, group: bool) -> tuple[Fragment, ...]:
-        """Parse one keyword (as a parenthesised group) or plain text with Compel's parser, once per text.
+    def _reads_alone(self, group: str) -> bool:
+        """Return whether Compel reads ``group`` inside a prompt as it reads the group alone.
 
-        Compel's grammar changes some keywords: it spaces out punctuation and reads a trailing ``-`` as a mark.
-        Parsing each keyword alone keeps those changes, so the fragments equal a parse of the whole prompt.
+        The check parses the prefix and the group twice, joined by the separator, once per group. Most
+        groups pass. Compel keeps some, such as ``(cells -)++``, as literal text, which then fuses with the
+        words around it.
         """
-        key = ("(" + escape_keyword(text) + ")") if group else text
-        if key not in self._group_fragments:
+        if group not in self._group_reads_alone:
+            alone = list(self._parsed(group))
+            expected = fuse_fragments(
+                [*self._parsed(PROMPT_PREFIX.strip()), *alone, (KEYWORD_SEPARATOR.strip(), 1.0), *alone]
+            )
+            probe = PROMPT_PREFIX + group + KEYWORD_SEPARATOR + group
+            self._group_reads_alone[group] = self._parsed(probe, remember=False) == expected
+        return self._group_reads_alone[group]
+
+    def _parsed(self, text: str, remember: bool = True) -> tuple[Fragment, ...]:
+        """Parse text in Compel syntax with Compel's own parser into weighted fragments, once per text.
+
+        Compel's grammar changes some keywords: it spaces out punctuation, drops quotes and reads a
+        trailing ``-`` as a mark. Parsing with Compel keeps all of that as Compel has it.
+        """
+        fragments = self._parsed_texts.get(text)
+        if fragments is None:
             from compel.prompt_parser import PromptParser
 
-            conjunction = PromptParser().parse_conjunction(key)
-            fragments: tuple[Fragment, ...] = ()
+            conjunction = PromptParser().parse_conjunction(text)
+            fragments = ()
             if conjunction.prompts:
                 (flattened,) = conjunction.prompts
                 fragments = tuple((child.text, float(child.weight)) for child in flattened.children)
-            self._group_fragments[key] = fragments
-        return self._group_fragments[key]
+            if remember:
+                if len(self._parsed_texts) >= MAX_PARSED_TEXTS:
+                    self._parsed_texts.clear()
+                self._parsed_texts[text] = fragments
+        return fragments
 
     # Tokens --------------------------------------------------------------------------------------------------
 

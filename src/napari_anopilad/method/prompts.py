@@ -108,6 +108,16 @@ def escape_keyword(keyword: str) -> str:
     return "".join(COMPEL_ESCAPES.get(character, character) for character in keyword)
 
 
+def format_keyword(keyword: str, weight: float, rank: int, top_k: int, style: str = "marks") -> str:
+    """Return one keyword's weighted group in Compel syntax: ``(keyword)++`` or ``(keyword)1.07``."""
+    group = f"({escape_keyword(keyword)})"
+    if style == "marks":
+        return group + keyword_marks(weight, rank, top_k)
+    if style == "numeric":
+        return f"{group}{weight:.2f}"
+    raise ValueError(f"prompt style {style!r} is invalid: use 'marks' or 'numeric'")
+
+
 def format_prompt(keywords: Sequence[str], weights: Sequence[float], style: str = "marks") -> str:
     """Build the Compel prompt string from keywords (best first) and their weights.
 
@@ -115,16 +125,11 @@ def format_prompt(keywords: Sequence[str], weights: Sequence[float], style: str 
     """
     if len(keywords) != len(weights):
         raise ValueError(f"got {len(keywords)} keywords but {len(weights)} weights")
-    fragments = []
-    for rank, (keyword, weight) in enumerate(zip(keywords, weights, strict=True)):
-        group = f"({escape_keyword(keyword)})"
-        if style == "marks":
-            fragments.append(group + keyword_marks(weight, rank, len(keywords)))
-        elif style == "numeric":
-            fragments.append(f"{group}{weight:.2f}")
-        else:
-            raise ValueError(f"prompt style {style!r} is invalid: use 'marks' or 'numeric'")
-    return PROMPT_PREFIX + KEYWORD_SEPARATOR.join(fragments)
+    groups = [
+        format_keyword(keyword, weight, rank, len(keywords), style)
+        for rank, (keyword, weight) in enumerate(zip(keywords, weights, strict=True))
+    ]
+    return PROMPT_PREFIX + KEYWORD_SEPARATOR.join(groups)
 
 
 def build_keyword_prompt(
