@@ -152,6 +152,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--batch-size {arguments.batch_size} is invalid: use 1 or more")
     if not arguments.slide.is_file():
         parser.error(f"--slide {arguments.slide}: file not found")
+    if arguments.start_timestep is not None and not 0 <= arguments.start_timestep <= 999:
+        parser.error(f"--start-timestep {arguments.start_timestep} is invalid: use 0 to 999")
+    if arguments.num_inference_steps is not None and not 1 <= arguments.num_inference_steps <= 1000:
+        parser.error(f"--num-inference-steps {arguments.num_inference_steps} is invalid: use 1 to 1000")
     return arguments
 
 

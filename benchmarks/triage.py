@@ -69,11 +69,19 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=0.1, help="triage budget of the guided-map estimate (default: 0.1)"
     )
+    parser.add_argument(
+        "--mpp", type=float, help="level-0 microns per pixel, for a slide whose metadata lacks it"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results folder (default: benchmarks/results)"
     )
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if not arguments.slide.is_file():
+        parser.error(f"--slide {arguments.slide}: file not found")
+    if arguments.mpp is not None and not arguments.mpp > 0:
+        parser.error(f"--mpp {arguments.mpp} is invalid: give a positive number, for example 0.25")
+    return arguments
 
 
 def synchronize(device: torch.device) -> None:
@@ -139,6 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # The grid needs the slide's resolution: checked here, before the models load.
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        if slide.mpp is None:
+            raise SystemExit(
+                f"error: {args.slide} has no microns per pixel in its metadata: give --mpp UM (0.25 for 40x)"
+            )
 
     with tempfile.TemporaryDirectory(prefix="anopilad-triage-benchmark-") as scratch:
         bundle_folder = args.bundle
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         load_diffusion_s, diffusion_scorer = timed(device, lambda: AnoPILaDScorer(bundle, str(device)))
 
-        with open_slide(args.slide) as slide:
+        with open_slide(args.slide, mpp=args.mpp) as slide:
             grid = build_patch_grid(slide)
             tissue = np.asarray(grid.tissue_cells(), dtype=np.int64).reshape(-1, 2)
             if len(tissue) < args.patches:
