@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from napari_anopilad.engine.store import ResultStore
+from napari_anopilad.method.baselines.autoencoders import AutoencoderConfig, build_network, default_settings
 from napari_anopilad.method.baselines.base import (
     BaselineCalibration,
     BaselineSettings,
@@ -17,10 +20,21 @@ from napari_anopilad.method.baselines.base import (
     from_crops,
     load_baseline_bundle,
     noise_seed,
+    save_baseline_bundle,
     to_crops,
 )
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.training.baselines import _trim_log, training_batch
+
+
+def _memae_bundle(folder: Path) -> Path:
+    """Save a tiny MemAE bundle with random weights."""
+    torch.manual_seed(0)
+    config = AutoencoderConfig(channels=(4, 8), latent_channels=8, memory_items=6)
+    network = build_network("memae", config)
+    return save_baseline_bundle(
+        folder, "memae", config.to_dict(), {"model": network.state_dict()}, default_settings("memae")
+    )
 
 
 def test_settings_round_trip_and_key_change_with_options() -> None:
@@ -40,6 +54,96 @@ def test_settings_reject_unknown_option() -> None:
         settings.with_overrides(guidance_scale=7.5)
     with pytest.raises(ValueError, match="unknown comparison-method settings"):
         BaselineSettings.from_dict({"method": "ae", "score": "mse", "steps": 3})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"method": "ae", "score": "mse", "seed": 2.5}, "seed 2.5 is invalid: use an integer"),
+        ({"method": "ae", "score": "mse", "seed": "1"}, "seed '1' is invalid: use an integer"),
+        ({"method": 42, "score": "mse"}, "method 42 is invalid: use a string"),
+        ({"method": "ae", "score": None}, "score None is invalid: use a string"),
+        ({"method": "ae", "score": "mse", "options": [1]}, "options [1] is invalid: use an object"),
+        ({"method": "ae"}, "comparison-method settings need 'score'"),
+    ],
+)
+def test_settings_reject_wrong_types(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BaselineSettings.from_dict(values)
+
+
+def test_bundle_settings_error_names_file(tmp_path) -> None:
+    folder = _memae_bundle(tmp_path / "bundle")
+    spec = json.loads((folder / "bundle.json").read_text())
+    spec["settings"]["seed"] = 2.5
+    (folder / "bundle.json").write_text(json.dumps(spec))
+
+    with pytest.raises(BundleError) as raised:
+        load_baseline_bundle(folder)
+
+    assert str(raised.value) == f"settings in {folder / 'bundle.json'}: seed 2.5 is invalid: use an integer"
+
+
+@pytest.mark.parametrize(
+    ("scores", "message"),
+    [
+        ({"mse": {"mean": 1.0, "std": "x"}}, "scores.mse.std 'x' is invalid: use a finite number"),
+        ({"mse": {"mean": None, "std": 1.0}}, "scores.mse.mean None is invalid: use a finite number"),
+        ({"mse": {"mean": 1.0, "std": -1.0}}, "scores.mse.std -1.0 is invalid: use a positive number"),
+        ({"l1": {"mean": 1.0, "std": 1.0}}, "scores has no statistics for the score 'mse'"),
+    ],
+)
+def test_calibration_rejects_wrong_values(scores: dict, message: str) -> None:
+    values = {"count": 10, "settings": BaselineSettings("ae", "mse").to_dict(), "scores": scores}
+
+    with pytest.raises(BundleError) as raised:
+        BaselineCalibration.from_dict(values, ("mse",), source="bundle/bundle.json")
+
+    assert str(raised.value).startswith(f"calibration in bundle/bundle.json: {message}")
+
+
+def test_calibration_count_must_be_integer() -> None:
+    values = {
+        "count": 10.5,
+        "settings": BaselineSettings("ae", "mse").to_dict(),
+        "scores": {"mse": {"mean": 1.0, "std": 1.0}},
+    }
+
+    with pytest.raises(BundleError, match=r"^calibration: count 10.5 is invalid: use an integer$"):
+        BaselineCalibration.from_dict(values, ("mse",))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"importance_samples": 2.5}, "importance_samples 2.5 is invalid: use an integer"),
+        ({"regret_steps": True}, "regret_steps True is invalid: use an integer"),
+        ({"regret_learning_rate": "0.01"}, "regret_learning_rate '0.01' is invalid: use a finite number"),
+        ({"regret_learning_rate": float("inf")}, "regret_learning_rate inf is invalid: use a finite number"),
+        ({"compressor": 1}, "compressor 1 is invalid: use a string"),
+    ],
+)
+def test_vae_density_options_reject_wrong_types(options: dict, message: str) -> None:
+    from napari_anopilad.method.baselines.vae_density import VaeDensityOptions
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VaeDensityOptions.from_options(options)
+
+
+@pytest.mark.parametrize(
+    ("kappa", "message"),
+    [
+        ("1.5", "kappa '1.5' is invalid: use a finite number"),
+        (float("nan"), "kappa nan is invalid: use a finite number"),
+        (True, "kappa True is invalid: use a finite number"),
+        (-1, "kappa -1 is invalid: use a finite number of 0 or more"),
+    ],
+)
+def test_kappa_rejects_wrong_values(kappa: object, message: str) -> None:
+    from napari_anopilad.method.baselines.fanogan import check_kappa
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_kappa(kappa)
 
 
 def test_calibration_differences_ignore_the_score_choice() -> None:

@@ -227,7 +227,9 @@ def test_calibration_with_zero_std(bundle_copy: Path) -> None:
     spec["calibration"]["scores"]["lpips"]["std"] = 0.0
     write_spec(bundle_copy, spec)
 
-    with pytest.raises(BundleError, match=r"^calibration: lpips mean .* std 0.0 are invalid"):
+    with pytest.raises(
+        BundleError, match=r"^calibration in .*bundle.json: scores.lpips.std 0.0 is invalid: use a positive"
+    ):
         load_bundle(bundle_copy)
 
 
@@ -287,8 +289,121 @@ def test_invalid_settings(bundle_copy: Path) -> None:
     spec["settings"]["sampler"] = "euler"
     write_spec(bundle_copy, spec)
 
-    with pytest.raises(BundleError, match=r"^inference settings: sampler 'euler' is invalid"):
+    with pytest.raises(
+        BundleError, match=r"^inference settings in .*bundle.json: sampler 'euler' is invalid"
+    ):
         load_bundle(bundle_copy)
+
+
+# Each case: where in bundle.json the value goes, the value, and the start of the message (FILE: bundle.json).
+WRONG_TYPES = [
+    (("base_model", "path"), 42, "base model in FILE: base_model.path 42 is invalid: use a file path"),
+    (
+        ("settings", "start_timestep"),
+        "abc",
+        "inference settings in FILE: start_timestep 'abc' is invalid: use an integer",
+    ),
+    (
+        ("settings", "num_inference_steps"),
+        2.5,
+        "inference settings in FILE: num_inference_steps 2.5 is invalid: use an integer",
+    ),
+    (("settings", "seed"), True, "inference settings in FILE: seed True is invalid: use an integer"),
+    (
+        ("settings", "guidance_scale"),
+        None,
+        "inference settings in FILE: guidance_scale None is invalid: use a finite number",
+    ),
+    (
+        ("settings", "guidance_scale"),
+        "7.5",
+        "inference settings in FILE: guidance_scale '7.5' is invalid: use a finite number",
+    ),
+    (
+        ("settings", "unprompted"),
+        "no",
+        "inference settings in FILE: unprompted 'no' is invalid: use true or false",
+    ),
+    (("settings", "sampler"), 5, "inference settings in FILE: sampler 5 is invalid: use one of ddim, plms"),
+    (("settings",), [1, 2], "inference settings in FILE: the settings [1, 2] are invalid: use an object"),
+    (
+        ("calibration", "scores", "lpips", "std"),
+        "x",
+        "calibration in FILE: scores.lpips.std 'x' is invalid: use a finite number",
+    ),
+    (
+        ("calibration", "scores", "mse_latent", "mean"),
+        float("nan"),
+        "calibration in FILE: scores.mse_latent.mean nan is invalid: use a finite number",
+    ),
+    (
+        ("calibration", "scores", "lpips"),
+        0.5,
+        "calibration in FILE: scores.lpips 0.5 is invalid: use an object with a 'mean' and a 'std'",
+    ),
+    (("calibration", "count"), 2.5, "calibration in FILE: count 2.5 is invalid: use an integer"),
+    (
+        ("calibration", "settings", "guidance_scale"),
+        None,
+        "calibration in FILE: the settings are invalid (guidance_scale None is invalid",
+    ),
+    (
+        ("calibration",),
+        [],
+        "calibration in FILE: [] is invalid: use an object with 'count', 'settings' and 'scores'",
+    ),
+    (("lora", "rank"), 4.0, "LoRA weights in FILE: lora.rank 4.0 is invalid: use an integer"),
+    (("lora", "alpha"), "4", "LoRA weights in FILE: lora.alpha '4' is invalid: use a finite number"),
+    (
+        ("lora", "target_modules"),
+        "to_q",
+        "LoRA weights in FILE: lora.target_modules 'to_q' is invalid: use a list",
+    ),
+    (("conch", "checkpoint"), 7, "CONCH checkpoint in FILE: conch.checkpoint 7 is invalid: use a string"),
+    (
+        ("lpips", "backbone"),
+        ["a"],
+        "LPIPS backbone in FILE: lpips.backbone ['a'] is invalid: use a file path",
+    ),
+    (
+        ("prompts", "keywords"),
+        {"file": "k.txt"},
+        "keyword bank in FILE: prompts.keywords {'file': 'k.txt'} is invalid",
+    ),
+    (("demo",), "false", "bundle in FILE: demo 'false' is invalid: use true or false"),
+]
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "message"),
+    WRONG_TYPES,
+    ids=[".".join(case[0]) + f"={case[1]!r}" for case in WRONG_TYPES],
+)
+def test_wrong_type_named_with_file(
+    bundle_copy: Path, keys: tuple[str, ...], value: object, message: str
+) -> None:
+    spec = read_spec(bundle_copy)
+    section = spec
+    for key in keys[:-1]:
+        section = section[key]
+    section[keys[-1]] = value
+    write_spec(bundle_copy, spec)
+
+    with pytest.raises(BundleError) as raised:
+        load_bundle(bundle_copy)
+
+    assert str(raised.value).startswith(message.replace("FILE", str(bundle_copy / "bundle.json")))
+
+
+def test_settings_keep_json_number_types() -> None:
+    import numpy as np
+
+    settings = InferenceSettings(guidance_scale=7, seed=np.int64(3))
+
+    # An integer guidance scale stays an int, so the settings hash of an existing bundle is unchanged.
+    assert type(settings.guidance_scale) is int
+    assert type(settings.seed) is int
+    assert settings.to_dict()["seed"] == 3
 
 
 def test_hub_base_model_needs_permission(bundle_copy: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,15 @@ def _error_line(command: str, stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"anopilad {command}: error: ")
     return lines[0]
+
+
+def _bundle_with(source: Path, target: Path, section: str, key: str, value: object) -> Path:
+    """Copy the bundle at ``source`` to ``target`` with one value of bundle.json replaced."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".cache"))
+    spec = json.loads((target / "bundle.json").read_text())
+    spec[section][key] = value
+    (target / "bundle.json").write_text(json.dumps(spec))
+    return target
 
 
 @pytest.fixture
@@ -171,3 +182,27 @@ def test_demo_invalid_out(regular_file: Path, capsys: pytest.CaptureFixture[str]
 
     assert status == 2
     assert f"--out {regular_file} is a file" in _error_line("demo", stderr)
+
+
+def test_analyze_bundle_wrong_type(
+    tmp_path: Path, cmu_slide_path: Path, demo_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = _bundle_with(demo_bundle_dir, tmp_path / "bundle", "settings", "num_inference_steps", 2.5)
+
+    status, _, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    line = _error_line("analyze", stderr)
+    assert f"inference settings in {bundle / 'bundle.json'}: num_inference_steps 2.5 is invalid" in line
+    assert line.endswith("use an integer")
+    assert not (tmp_path / "out" / "slide.json").exists()

@@ -8,14 +8,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from napari_anopilad.method.errors import BundleError
+from napari_anopilad.method.json_values import (
+    check_bool,
+    check_integer,
+    check_number,
+    check_string,
+    read_score_statistics,
+)
 from napari_anopilad.method.settings import SCORES, InferenceSettings
 
 if TYPE_CHECKING:
@@ -33,6 +40,8 @@ LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CACHE_FOLDER = ".cache"
 # Settings that do not change the score values, so calibration measured under another value still applies.
 SETTINGS_NOT_AFFECTING_CALIBRATION = ("score",)
+
+_Value = TypeVar("_Value")
 
 
 @dataclass(frozen=True)
@@ -52,35 +61,34 @@ class Calibration:
         }
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Calibration:
-        """Parse and check calibration statistics; raise BundleError naming the invalid value."""
+    def from_dict(cls, values: Any, source: str | os.PathLike[str] | None = None) -> Calibration:
+        """Parse and check calibration statistics; raise BundleError naming the invalid value.
+
+        ``source`` is the file that contains the statistics, named in every message.
+        """
+        label = "calibration" if source is None else f"calibration in {source}"
+        if not isinstance(values, dict):
+            raise BundleError(
+                f"{label}: {values!r} is invalid: use an object with 'count', 'settings' and 'scores', "
+                "as training/06_calibrate.py writes it"
+            )
+        missing = [key for key in ("count", "settings", "scores") if key not in values]
+        if missing:
+            raise BundleError(
+                f"{label}: {', '.join(map(repr, missing))} missing: rerun training/06_calibrate.py, "
+                "or remove the calibration entry"
+            )
         try:
             settings = InferenceSettings.from_dict(values["settings"])
-            scores = values["scores"]
-            count = int(values["count"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise BundleError(
-                f"calibration: invalid entry ({error}); it needs 'count', 'settings' and 'scores' "
-                "with a mean and std for each score"
-            ) from error
-        mean: dict[str, float] = {}
-        std: dict[str, float] = {}
-        for name in SCORES:
-            if name not in scores:
-                raise BundleError(
-                    f"calibration: no statistics for the score {name!r}; measure all of {SCORES}"
-                )
-            mean[name] = float(scores[name]["mean"])
-            std[name] = float(scores[name]["std"])
-            if not (math.isfinite(mean[name]) and math.isfinite(std[name]) and std[name] > 0):
-                raise BundleError(
-                    f"calibration: {name} mean {mean[name]} and std {std[name]} are invalid: "
-                    "the mean must be finite and the std positive"
-                )
+        except (TypeError, ValueError) as error:
+            raise BundleError(f"{label}: the settings are invalid ({error})") from error
+        try:
+            count = check_integer("count", values["count"])
+            mean, std = read_score_statistics(values["scores"], SCORES)
+        except ValueError as error:
+            raise BundleError(f"{label}: {error}") from error
         if count < 2:
-            raise BundleError(
-                f"calibration: count {count} is too small to estimate a std; use 2 or more patches"
-            )
+            raise BundleError(f"{label}: count {count} is too small to estimate a std; use 2 or more patches")
         return cls(mean=mean, std=std, count=count, settings=settings)
 
     def differences(self, settings: InferenceSettings) -> list[str]:
@@ -218,23 +226,28 @@ def load_bundle(
         spec = json.loads(spec_path.read_text())
     except json.JSONDecodeError as error:
         raise BundleError(f"bundle: {spec_path} is not valid JSON ({error})") from error
+    if not isinstance(spec, dict):
+        raise BundleError(f"bundle: {spec_path} must contain a JSON object, not {type(spec).__name__}")
     if spec.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"bundle: {spec_path} has format_version {spec.get('format_version')!r}; this version reads {FORMAT_VERSION}"
         )
 
-    settings = _read_settings(spec)
+    settings = _read_settings(spec, spec_path)
     base_model = _read_base_model(folder, _section(spec, "base_model"), allow_download, token)
     lora = _read_lora(folder, _section(spec, "lora"))
     _check_lora(lora, base_model)
     conch_checkpoint, conch_config = _read_conch(folder, _section(spec, "conch"), allow_download, token)
     lpips_net, lpips_backbone = _read_lpips(folder, _section(spec, "lpips"))
     prompts = _section(spec, "prompts")
-    keyword_file = _resolve(folder, prompts.get("keywords"), "keyword bank")
-    template_file = _resolve(folder, prompts.get("templates"), "caption templates")
+    keyword_file = _resolve(folder, prompts.get("keywords"), "keyword bank", "prompts.keywords")
+    template_file = _resolve(folder, prompts.get("templates"), "caption templates", "prompts.templates")
     keywords = read_keywords(keyword_file)
     templates = read_templates(template_file)
-    calibration, calibration_note = _read_calibration(spec.get("calibration"), settings, require_calibration)
+    calibration, calibration_note = _read_calibration(
+        spec.get("calibration"), settings, require_calibration, spec_path
+    )
+    demo = _checked(check_bool, "demo", spec.get("demo", False), "bundle", folder)
 
     weight_files = {
         "base_model": _base_model_files(base_model),
@@ -247,7 +260,7 @@ def load_bundle(
     )
     return Bundle(
         folder=folder,
-        demo=bool(spec.get("demo", False)),
+        demo=demo,
         base_model=base_model,
         lora=lora,
         conch_checkpoint=conch_checkpoint,
@@ -301,20 +314,37 @@ def _section(spec: dict[str, Any], name: str) -> dict[str, Any]:
     return section
 
 
-def _resolve(folder: Path, relative: str | None, part: str) -> Path:
-    if not relative:
-        raise BundleError(f"{part}: bundle.json names no file for it")
+def _checked(check: Callable[[str, Any], _Value], field: str, value: Any, part: str, folder: Path) -> _Value:
+    """Run a json_values check on one field of bundle.json; raise BundleError naming the part and the file."""
+    try:
+        return check(field, value)
+    except ValueError as error:
+        raise BundleError(f"{part} in {folder / BUNDLE_FILENAME}: {error}") from error
+
+
+def _resolve(folder: Path, relative: Any, part: str, field: str) -> Path:
+    """Return the file that ``field`` of bundle.json names, relative to the bundle folder; it must exist."""
+    if relative is None or relative == "":
+        raise BundleError(
+            f"{part}: {folder / BUNDLE_FILENAME} names no file for it: set {field} to a path relative to "
+            "the bundle folder"
+        )
+    if not isinstance(relative, str):
+        raise BundleError(
+            f"{part} in {folder / BUNDLE_FILENAME}: {field} {relative!r} is invalid: "
+            "use a file path relative to the bundle folder, as a string"
+        )
     path = folder / relative
     if not path.exists():
         raise BundleError(f"{part}: file {path} not found; restore it or fix its path in bundle.json")
     return path
 
 
-def _read_settings(spec: dict[str, Any]) -> InferenceSettings:
+def _read_settings(spec: dict[str, Any], spec_path: Path) -> InferenceSettings:
     try:
         return InferenceSettings.from_dict(spec.get("settings", {}))
     except (TypeError, ValueError) as error:
-        raise BundleError(f"inference settings: {error}") from error
+        raise BundleError(f"inference settings in {spec_path}: {error}") from error
 
 
 def _read_base_model(
@@ -325,6 +355,8 @@ def _read_base_model(
         raise BundleError(f"base model: kind {kind!r} is invalid: use one of {', '.join(BASE_MODEL_KINDS)}")
     if kind == "hub":
         hub_id = section.get("hub_id")
+        if hub_id is not None:
+            _checked(check_string, "base_model.hub_id", hub_id, "base model", folder)
         if not hub_id:
             raise BundleError(
                 "base model: kind 'hub' needs a 'hub_id' such as stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -340,13 +372,13 @@ def _read_base_model(
         _check_diffusers_folder(path)
         return BaseModelSpec(kind="diffusers", path=path, config=None, hub_id=hub_id)
 
-    path = _resolve(folder, section.get("path"), "base model")
+    path = _resolve(folder, section.get("path"), "base model", "base_model.path")
     if kind == "diffusers":
         _check_diffusers_folder(path)
         return BaseModelSpec(kind=kind, path=path, config=None, hub_id=None)
     if not path.is_file():
         raise BundleError(f"base model: single-file checkpoint {path} is not a file")
-    config = _resolve(folder, section.get("config"), "base model config")
+    config = _resolve(folder, section.get("config"), "base model config", "base_model.config")
     _check_diffusers_folder(config, weights_required=False)
     return BaseModelSpec(kind=kind, path=path, config=config, hub_id=None)
 
@@ -368,18 +400,25 @@ def _check_diffusers_folder(path: Path, weights_required: bool = True) -> None:
 
 
 def _read_lora(folder: Path, section: dict[str, Any]) -> LoraSpec:
-    path = _resolve(folder, section.get("path"), "LoRA weights")
+    path = _resolve(folder, section.get("path"), "LoRA weights", "lora.path")
     if path.suffix != ".safetensors":
         raise BundleError(
             f"LoRA weights: {path} must be a .safetensors file as diffusers' save_lora_weights writes"
         )
-    try:
-        rank = int(section.get("rank", 4))
-        alpha = float(section.get("alpha", rank))
-    except (TypeError, ValueError) as error:
-        raise BundleError(f"LoRA weights: rank and alpha in bundle.json must be numbers ({error})") from error
-    targets = tuple(section.get("target_modules", LORA_TARGET_MODULES))
-    return LoraSpec(path=path, rank=rank, alpha=alpha, target_modules=targets)
+    rank = _checked(check_integer, "lora.rank", section.get("rank", 4), "LoRA weights", folder)
+    alpha = _checked(check_number, "lora.alpha", section.get("alpha", rank), "LoRA weights", folder)
+    if rank < 1 or alpha <= 0:
+        raise BundleError(
+            f"LoRA weights in {folder / BUNDLE_FILENAME}: lora.rank {rank} and lora.alpha {alpha} are invalid: "
+            "use the positive rank and alpha that the adapter was trained with"
+        )
+    targets = section.get("target_modules", list(LORA_TARGET_MODULES))
+    if not isinstance(targets, list) or not targets or not all(isinstance(name, str) for name in targets):
+        raise BundleError(
+            f"LoRA weights in {folder / BUNDLE_FILENAME}: lora.target_modules {targets!r} is invalid: "
+            f"use a list of module names such as {list(LORA_TARGET_MODULES)}"
+        )
+    return LoraSpec(path=path, rank=rank, alpha=alpha, target_modules=tuple(targets))
 
 
 def _check_lora(lora: LoraSpec, base_model: BaseModelSpec) -> None:
@@ -398,7 +437,10 @@ def _read_conch(
 ) -> tuple[Path, dict[str, Any]]:
     from napari_anopilad.method.conch_model import check_conch_checkpoint, read_conch_config
 
-    config = read_conch_config(_resolve(folder, section.get("config"), "CONCH config"))
+    config = read_conch_config(_resolve(folder, section.get("config"), "CONCH config", "conch.config"))
+    for field in ("checkpoint", "hub_id", "hub_filename"):
+        if section.get(field) is not None:
+            _checked(check_string, f"conch.{field}", section[field], "CONCH checkpoint", folder)
     checkpoint_name = section.get("checkpoint")
     checkpoint = folder / checkpoint_name if checkpoint_name else None
     if checkpoint is None or not checkpoint.exists():
@@ -427,13 +469,13 @@ def _read_lpips(folder: Path, section: dict[str, Any]) -> tuple[str, Path]:
     net = section.get("net", "vgg")
     if net not in LPIPS_NETS:
         raise BundleError(f"LPIPS backbone: net {net!r} is invalid: use one of {', '.join(LPIPS_NETS)}")
-    backbone = _resolve(folder, section.get("backbone"), "LPIPS backbone")
+    backbone = _resolve(folder, section.get("backbone"), "LPIPS backbone", "lpips.backbone")
     check_lpips_backbone(net, backbone)
     return net, backbone
 
 
 def _read_calibration(
-    values: dict[str, Any] | None, settings: InferenceSettings, require_calibration: bool
+    values: Any, settings: InferenceSettings, require_calibration: bool, spec_path: Path
 ) -> tuple[Calibration | None, str | None]:
     if values is None:
         note = (
@@ -442,7 +484,7 @@ def _read_calibration(
         if require_calibration:
             raise BundleError(note)
         return None, note
-    calibration = Calibration.from_dict(values)
+    calibration = Calibration.from_dict(values, spec_path)
     differences = calibration.differences(settings)
     if not differences:
         return calibration, None

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from napari_anopilad.method.json_values import check_bool, check_integer, check_number
 
 SAMPLERS = ("ddim", "plms")
 SCORES = ("lpips", "mse_latent")
@@ -40,6 +43,12 @@ class InferenceSettings:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        # bundle.json may hold any JSON value, so the types come first: 2.5 steps or a null guidance
+        # scale would otherwise pass, or fail later without naming the setting.
+        for name in ("start_timestep", "num_inference_steps", "seed", "top_k"):
+            object.__setattr__(self, name, check_integer(name, getattr(self, name)))
+        object.__setattr__(self, "guidance_scale", check_number("guidance_scale", self.guidance_scale))
+        check_bool("unprompted", self.unprompted)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is invalid: use one of {', '.join(SAMPLERS)}")
         if self.score not in SCORES:
@@ -63,7 +72,12 @@ class InferenceSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> InferenceSettings:
+    def from_dict(cls, values: Mapping[str, Any]) -> InferenceSettings:
+        """Build settings from a JSON object; raise ValueError naming an unknown setting or an invalid value."""
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"the settings {values!r} are invalid: use an object of setting names and values"
+            )
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

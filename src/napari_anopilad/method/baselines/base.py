@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.heatmap import within_slide_stats, zscores
+from napari_anopilad.method.json_values import check_bool, check_integer, check_string, read_score_statistics
 from napari_anopilad.method.weights import hash_file, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -68,11 +68,23 @@ class BaselineSettings:
     unprompted: ClassVar[bool] = True
     precision: ClassVar[str] = "float32"
 
+    def __post_init__(self) -> None:
+        check_string("method", self.method)
+        check_string("score", self.score)
+        object.__setattr__(self, "seed", check_integer("seed", self.seed))
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options {self.options!r} is invalid: use an object of option names and values")
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "score": self.score, "seed": self.seed, "options": dict(self.options)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> BaselineSettings:
+        """Build settings from a JSON object; raise ValueError naming a missing, unknown or invalid setting."""
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"the settings {values!r} are invalid: use an object of setting names and values"
+            )
         known = {"method", "score", "seed", "options"}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -80,11 +92,12 @@ class BaselineSettings:
                 f"unknown comparison-method settings {unknown}: known settings are {sorted(known)}"
             )
         try:
+            options = values.get("options") or {}
             return cls(
-                method=str(values["method"]),
-                score=str(values["score"]),
-                seed=int(values.get("seed", 0)),
-                options=dict(values.get("options") or {}),
+                method=values["method"],
+                score=values["score"],
+                seed=values.get("seed", 0),
+                options=dict(options) if isinstance(options, Mapping) else options,
             )
         except KeyError as error:
             raise ValueError(f"comparison-method settings need {error.args[0]!r}") from error
@@ -110,8 +123,8 @@ class BaselineSettings:
             options[key] = value
         return BaselineSettings(
             method=self.method,
-            score=self.score if score is None else str(score),
-            seed=self.seed if seed is None else int(seed),
+            score=self.score if score is None else score,
+            seed=self.seed if seed is None else seed,
             options=options,
         )
 
@@ -138,35 +151,36 @@ class BaselineCalibration:
         }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], score_names: Sequence[str]) -> BaselineCalibration:
-        """Parse and check calibration statistics; raise BundleError naming the invalid value."""
+    def from_dict(
+        cls, values: Any, score_names: Sequence[str], source: str | os.PathLike[str] | None = None
+    ) -> BaselineCalibration:
+        """Parse and check calibration statistics; raise BundleError naming the invalid value.
+
+        ``source`` is the file that contains the statistics, named in every message.
+        """
+        label = "calibration" if source is None else f"calibration in {source}"
+        if not isinstance(values, Mapping):
+            raise BundleError(
+                f"{label}: {values!r} is invalid: use an object with 'count', 'settings' and 'scores', "
+                "as the method's training script writes it"
+            )
+        missing = [key for key in ("count", "settings", "scores") if key not in values]
+        if missing:
+            raise BundleError(
+                f"{label}: {', '.join(map(repr, missing))} missing: recalibrate with the method's training "
+                "script, or set the calibration entry to null"
+            )
         try:
             settings = BaselineSettings.from_dict(values["settings"])
-            scores = values["scores"]
-            count = int(values["count"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise BundleError(
-                f"calibration: invalid entry ({error}); it needs 'count', 'settings' and 'scores' "
-                "with a mean and std for each score"
-            ) from error
-        mean: dict[str, float] = {}
-        std: dict[str, float] = {}
-        for name in score_names:
-            if name not in scores:
-                raise BundleError(
-                    f"calibration: no statistics for the score {name!r}; measure all of {list(score_names)}"
-                )
-            mean[name] = float(scores[name]["mean"])
-            std[name] = float(scores[name]["std"])
-            if not (math.isfinite(mean[name]) and math.isfinite(std[name]) and std[name] > 0):
-                raise BundleError(
-                    f"calibration: {name} mean {mean[name]} and std {std[name]} are invalid: "
-                    "the mean must be finite and the std positive"
-                )
+        except ValueError as error:
+            raise BundleError(f"{label}: the settings are invalid ({error})") from error
+        try:
+            count = check_integer("count", values["count"])
+            mean, std = read_score_statistics(values["scores"], score_names)
+        except ValueError as error:
+            raise BundleError(f"{label}: {error}") from error
         if count < 2:
-            raise BundleError(
-                f"calibration: count {count} is too small to estimate a std; use 2 or more patches"
-            )
+            raise BundleError(f"{label}: count {count} is too small to estimate a std; use 2 or more patches")
         return cls(mean=mean, std=std, count=count, settings=settings)
 
     def differences(self, settings: BaselineSettings) -> list[str]:
@@ -334,7 +348,7 @@ def load_baseline_bundle(
     try:
         settings = BaselineSettings.from_dict(spec.get("settings") or {})
     except ValueError as error:
-        raise BundleError(f"settings: {spec_path}: {error}") from error
+        raise BundleError(f"settings in {spec_path}: {error}") from error
     if settings.method != method:
         raise BundleError(f"settings: {spec_path} has settings for {settings.method!r}, not {method!r}")
     if settings.score not in scorer_class.score_names:
@@ -349,7 +363,7 @@ def load_baseline_bundle(
             "calibration: the bundle has no calibration statistics; z-scores are computed within each slide"
         )
     else:
-        calibration = BaselineCalibration.from_dict(spec["calibration"], scorer_class.score_names)
+        calibration = BaselineCalibration.from_dict(spec["calibration"], scorer_class.score_names, spec_path)
         differences = calibration.differences(settings)
         if differences:
             note = (
@@ -359,6 +373,10 @@ def load_baseline_bundle(
             calibration = None
     if calibration is None and require_calibration:
         raise BundleError(note or "calibration: missing")
+    try:
+        demo = check_bool("demo", spec.get("demo", False))
+    except ValueError as error:
+        raise BundleError(f"bundle in {spec_path}: {error}") from error
 
     record = {
         "method": method,
@@ -371,7 +389,7 @@ def load_baseline_bundle(
         folder=folder,
         method=method,
         name=str(spec.get("name", method)),
-        demo=bool(spec.get("demo", False)),
+        demo=demo,
         model=model,
         weights=weights,
         settings=settings,

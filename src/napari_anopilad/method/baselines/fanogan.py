@@ -22,7 +22,6 @@ on the other crops of its batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +31,7 @@ from torch import nn
 
 from napari_anopilad.method.baselines.base import BaselineScorer, register_scorer
 from napari_anopilad.method.errors import BundleError
+from napari_anopilad.method.json_values import check_number
 
 METHOD = "f-anogan"
 IMAGE_SIZE = 64
@@ -263,12 +263,9 @@ def izif_residuals(
 
 
 def check_kappa(value: Any) -> float:
-    """Return ``kappa`` as a float; raise ValueError unless it is finite and not negative."""
-    try:
-        kappa = float(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"kappa {value!r} is invalid: use a number of 0 or more") from error
-    if not math.isfinite(kappa) or kappa < 0:
+    """Return ``kappa`` as a float; raise ValueError unless it is a finite number (not a string) of 0 or more."""
+    kappa = float(check_number("kappa", value))
+    if kappa < 0:
         raise ValueError(f"kappa {value!r} is invalid: use a finite number of 0 or more")
     return kappa
 

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from napari_anopilad.method.baselines.base import BaselineScorer, register_scorer
 from napari_anopilad.method.errors import BundleError
+from napari_anopilad.method.json_values import check_integer, check_number, check_string
 
 METHOD = "vae-density"
 INPUT_SIZE = 64
@@ -372,6 +373,14 @@ class VaeDensityOptions:
     compressor: str = "png"
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "importance_samples", check_integer("importance_samples", self.importance_samples)
+        )
+        object.__setattr__(self, "regret_steps", check_integer("regret_steps", self.regret_steps))
+        object.__setattr__(
+            self, "regret_learning_rate", check_number("regret_learning_rate", self.regret_learning_rate)
+        )
+        check_string("compressor", self.compressor)
         if self.importance_samples < 1:
             raise ValueError(f"importance_samples {self.importance_samples} is invalid: use 1 or more")
         if self.regret_steps < 0:
@@ -398,12 +407,10 @@ class VaeDensityOptions:
         defaults = cls()
         try:
             return cls(
-                importance_samples=int(options.get("importance_samples", defaults.importance_samples)),
-                regret_steps=int(options.get("regret_steps", defaults.regret_steps)),
-                regret_learning_rate=float(
-                    options.get("regret_learning_rate", defaults.regret_learning_rate)
-                ),
-                compressor=str(options.get("compressor", defaults.compressor)),
+                importance_samples=options.get("importance_samples", defaults.importance_samples),
+                regret_steps=options.get("regret_steps", defaults.regret_steps),
+                regret_learning_rate=options.get("regret_learning_rate", defaults.regret_learning_rate),
+                compressor=options.get("compressor", defaults.compressor),
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"invalid {METHOD} option ({error})") from error
