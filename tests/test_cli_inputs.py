@@ -206,3 +206,95 @@ def test_analyze_bundle_wrong_type(
     assert f"inference settings in {bundle / 'bundle.json'}: num_inference_steps 2.5 is invalid" in line
     assert line.endswith("use an integer")
     assert not (tmp_path / "out" / "slide.json").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_analyze_non_finite_guidance_fails_first(
+    value: str,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "store"
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        f"--guidance-scale={value}",
+    )
+
+    assert status == 2
+    assert _error_line("analyze", stderr).endswith(
+        f"--guidance-scale {value} is invalid: use a finite number"
+    )
+    assert stdout == ""
+    # The store folder is created by the output check, but no slide's store is opened in it.
+    assert list(store.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--guidance-scale", "nan"], "--guidance-scale nan is invalid: use a finite number"),
+        (["--guidance-scale", "0.5"], "--guidance-scale 0.5 is invalid: use 1 (no guidance) or more"),
+        (["--start-timestep", "1000"], "--start-timestep 1000 is invalid: use 0 to 999"),
+        (["--steps", "0"], "--steps 0 is invalid: use 1 to 1000"),
+    ],
+)
+def test_cohort_invalid_setting_fails_first(
+    flags: list[str],
+    message: str,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze-cohort",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        *flags,
+    )
+
+    assert status == 2
+    assert _error_line("analyze-cohort", stderr).endswith(message)
+    assert "dask cluster" not in stdout
+
+
+def test_cohort_bundle_wrong_type(
+    tmp_path: Path, cmu_slide_path: Path, demo_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = _bundle_with(demo_bundle_dir, tmp_path / "bundle", "settings", "guidance_scale", None)
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze-cohort",
+        str(cmu_slide_path),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    line = _error_line("analyze-cohort", stderr)
+    assert f"inference settings in {bundle / 'bundle.json'}: guidance_scale None is invalid" in line
+    assert "dask cluster" not in stdout

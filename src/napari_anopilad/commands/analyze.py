@@ -52,6 +52,7 @@ __all__ = [
     "patch_records",
     "print_summary",
     "select_cells",
+    "settings_with_overrides",
     "slide_summary",
     "write_outputs",
     "write_overlay",
@@ -325,10 +326,13 @@ SETTING_FLAGS = {
 }
 
 
-def _settings_for(bundle: Any, overrides: dict[str, Any]) -> Any:
-    """Return the bundle's settings with the overrides; a setting the method lacks names its flag."""
+def settings_with_overrides(settings: Any, overrides: dict[str, Any]) -> Any:
+    """Return ``settings`` with the overrides; raise CommandError naming the flag of an invalid or unknown one.
+
+    ``settings`` is AnoPILaD's InferenceSettings or a comparison method's BaselineSettings.
+    """
     try:
-        return bundle.settings.with_overrides(**overrides)
+        return settings.with_overrides(**overrides)
     except ValueError as error:
         message = str(error)
         for name, flag in SETTING_FLAGS.items():
@@ -506,7 +510,7 @@ def analyze(
     torch_device = choose_device(device)
     bundle = load_any_bundle(bundle_folder, allow_download=allow_download)
     method = method_of(bundle)
-    settings = _settings_for(bundle, overrides or {})
+    settings = settings_with_overrides(bundle.settings, overrides or {})
     if settings.score not in score_names(bundle):
         raise CommandError(
             f"--score {settings.score} is not a {method} score: use one of {', '.join(score_names(bundle))}"

@@ -175,11 +175,14 @@ def _check_method_settings(
     """Check the setting flags against the bundle's method before a cluster starts.
 
     AnoPILaD's own flags (``--compile`` among them) on a comparison method's bundle, ``--triage`` with
-    one, and a ``--score`` the method lacks raise CommandError naming the flags. Only ``bundle.json`` is read, so the check is quick.
+    one, and a ``--score`` the method lacks raise CommandError naming the flags. For an AnoPILaD bundle,
+    the bundle's settings with the flags applied must be valid, so ``--guidance-scale nan`` or an invalid
+    value in ``bundle.json`` stops the command here. Only ``bundle.json`` is read, so the check is quick.
     """
-    from napari_anopilad.commands.analyze import SETTING_FLAGS
+    from napari_anopilad.commands.analyze import SETTING_FLAGS, settings_with_overrides
     from napari_anopilad.engine.triage_pass import check_triage_method
     from napari_anopilad.method.baselines.base import bundle_method, scorer_class_for
+    from napari_anopilad.method.bundle import read_bundle_settings
     from napari_anopilad.method.errors import BundleError
     from napari_anopilad.method.scorers import ANOPILAD
     from napari_anopilad.method.settings import SCORES
@@ -198,6 +201,11 @@ def _check_method_settings(
     if score is not None and score not in names:
         raise CommandError(f"--score {score} is not a {method} score: use one of {', '.join(names)}")
     if method == ANOPILAD:
+        try:
+            settings = read_bundle_settings(bundle_folder)
+        except BundleError as error:
+            raise CommandError(str(error)) from error
+        settings_with_overrides(settings, overrides)
         return
     flags = [
         SETTING_FLAGS[name]

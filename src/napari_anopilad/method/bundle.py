@@ -219,20 +219,7 @@ def load_bundle(
         A ValueError whose message names the missing or mismatched part and what to do.
     """
     folder = Path(folder)
-    spec_path = folder / BUNDLE_FILENAME
-    if not spec_path.is_file():
-        raise BundleError(f"bundle: {spec_path} not found; create one with `anopilad make-demo-bundle DIR`")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as error:
-        raise BundleError(f"bundle: {spec_path} is not valid JSON ({error})") from error
-    if not isinstance(spec, dict):
-        raise BundleError(f"bundle: {spec_path} must contain a JSON object, not {type(spec).__name__}")
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle: {spec_path} has format_version {spec.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
-
+    spec, spec_path = _read_spec(folder)
     settings = _read_settings(spec, spec_path)
     base_model = _read_base_model(folder, _section(spec, "base_model"), allow_download, token)
     lora = _read_lora(folder, _section(spec, "lora"))
@@ -279,6 +266,15 @@ def load_bundle(
     )
 
 
+def read_bundle_settings(folder: str | os.PathLike[str]) -> InferenceSettings:
+    """Read and check only the inference settings in ``bundle.json``; no weight file is read or hashed.
+
+    Raises BundleError as :func:`load_bundle` does for a missing or invalid ``bundle.json``.
+    """
+    spec, spec_path = _read_spec(Path(folder))
+    return _read_settings(spec, spec_path)
+
+
 def read_keywords(path: Path) -> list[str]:
     """Read the keyword bank: one keyword a line, blank lines ignored, no duplicates."""
     if not path.is_file():
@@ -305,6 +301,24 @@ def read_templates(path: Path) -> list[str]:
     if invalid:
         raise BundleError(f"caption templates: {path} has templates without exactly one {{}}: {invalid[:3]}")
     return templates
+
+
+def _read_spec(folder: Path) -> tuple[dict[str, Any], Path]:
+    """Return the parsed ``bundle.json`` of ``folder`` and its path, after checking its format version."""
+    spec_path = folder / BUNDLE_FILENAME
+    if not spec_path.is_file():
+        raise BundleError(f"bundle: {spec_path} not found; create one with `anopilad make-demo-bundle DIR`")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"bundle: {spec_path} is not valid JSON ({error})") from error
+    if not isinstance(spec, dict):
+        raise BundleError(f"bundle: {spec_path} must contain a JSON object, not {type(spec).__name__}")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle: {spec_path} has format_version {spec.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    return spec, spec_path
 
 
 def _section(spec: dict[str, Any], name: str) -> dict[str, Any]:
