@@ -1,7 +1,8 @@
-"""Invalid command-line input: exit status 2 with one line naming the value, before any model loads."""
+"""Command-line input: invalid input exits with status 2 and one line before any model loads; slide folders."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -297,4 +298,76 @@ def test_cohort_bundle_wrong_type(
     assert status == 2
     line = _error_line("analyze-cohort", stderr)
     assert f"inference settings in {bundle / 'bundle.json'}: guidance_scale None is invalid" in line
+    assert "dask cluster" not in stdout
+
+
+def _cohort_args(*argv: str) -> argparse.Namespace:
+    from napari_anopilad.commands.analyze_cohort import add_parser
+
+    return add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(list(argv))
+
+
+def test_cohort_folder_expands_to_slides(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    from napari_anopilad.commands.analyze_cohort import build_cohort
+
+    folder = tmp_path / "slides"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.svs", "A.NDPI", "c.ome.tif", "d.tiff", "notes.txt", ".hidden.svs", "sub/e.svs"):
+        (folder / name).write_bytes(b"")
+    (folder / "f.svs").mkdir()
+    listing = tmp_path / "slides.txt"
+    listing.write_text("slides\n")
+    args = _cohort_args(
+        str(folder),
+        str(folder / "b.svs"),
+        "--list",
+        str(listing),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(tmp_path / "out"),
+    )
+
+    slides, _ = build_cohort(args)
+
+    # Sorted by name, each file once, although the folder is given twice and b.svs also on its own.
+    assert [slide.path for slide in slides] == [
+        folder / "A.NDPI",
+        folder / "b.svs",
+        folder / "c.ome.tif",
+        folder / "d.tiff",
+    ]
+
+
+def test_cohort_missing_file_kept(tmp_path: Path) -> None:
+    from napari_anopilad.commands.analyze_cohort import expand_slide_folders
+
+    missing = tmp_path / "absent.svs"
+
+    # A missing slide is not an input error: the cohort reports it as a failed slide.
+    assert expand_slide_folders([missing]) == [missing]
+
+
+def test_cohort_folder_without_slides(
+    tmp_path: Path, demo_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no slides here\n")
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze-cohort",
+        str(folder),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    line = _error_line("analyze-cohort", stderr)
+    assert f"the slide folder {folder} contains no slide file (.svs, .tif, .tiff, .ndpi)" in line
     assert "dask cluster" not in stdout

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_anopilad._reader import SLIDE_SUFFIXES
 from napari_anopilad.cli import CommandError, prepare_output_folder
 from napari_anopilad.commands.analyze import (
     DEMO_WARNING,
@@ -35,14 +36,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "the same command again resumes where it stopped."
         ),
     )
-    parser.add_argument("slides", type=Path, nargs="*", metavar="SLIDE", help="whole-slide image files")
+    parser.add_argument(
+        "slides",
+        type=Path,
+        nargs="*",
+        metavar="SLIDE",
+        help="whole-slide image files, or folders: a folder adds the files directly inside it that end in "
+        f"{', '.join(SLIDE_SUFFIXES)} (any case; hidden files and subfolders are skipped)",
+    )
     parser.add_argument(
         "--list",
         type=Path,
         dest="slide_list",
         metavar="FILE",
-        help="text file with one slide path per line (blank lines and lines starting with # are skipped; "
-        "relative paths are relative to the file's folder)",
+        help="text file with one slide file or folder per line (blank lines and lines starting with # are "
+        "skipped; relative paths are relative to the file's folder)",
     )
 
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
@@ -108,6 +116,42 @@ def read_slide_list(path: Path) -> list[Path]:
     return slides
 
 
+def expand_slide_folders(paths: list[Path]) -> list[Path]:
+    """Replace each folder in ``paths`` by the slide files directly inside it, sorted by name.
+
+    A slide file is a file whose name ends in one of the napari reader's SLIDE_SUFFIXES, in any case,
+    and does not start with ``.``. Subfolders are not searched. Other paths stay as given (with ``~``
+    expanded), so a missing file still becomes a failed slide. Raises CommandError for a folder that
+    cannot be listed or contains no slide file.
+    """
+    expanded: list[Path] = []
+    for given in paths:
+        path = given.expanduser()
+        if not path.is_dir():
+            expanded.append(path)
+            continue
+        try:
+            entries = sorted(path.iterdir())
+        except OSError as error:
+            raise CommandError(
+                f"the slide folder {path} could not be listed ({error.strerror or error}): check its permissions"
+            ) from error
+        slides = [
+            entry
+            for entry in entries
+            if entry.is_file()
+            and not entry.name.startswith(".")
+            and entry.name.lower().endswith(SLIDE_SUFFIXES)
+        ]
+        if not slides:
+            raise CommandError(
+                f"the slide folder {path} contains no slide file ({', '.join(SLIDE_SUFFIXES)}): "
+                "give slide files, or a folder that contains them"
+            )
+        expanded.extend(slides)
+    return expanded
+
+
 def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         "sampler": args.sampler,
@@ -128,6 +172,7 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
     paths = list(args.slides)
     if args.slide_list is not None:
         paths.extend(read_slide_list(args.slide_list))
+    paths = expand_slide_folders(paths)
     if not paths:
         raise CommandError("no slides given: list slide files, or give --list FILE with one path per line")
     if args.n_workers is not None and args.scheduler:
@@ -148,7 +193,8 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
     # cohort.csv goes to OUT after the last slide, so an unwritable OUT must fail before the first one.
     out = prepare_output_folder(args.out.expanduser().absolute(), "--out")
 
-    absolute = [path.expanduser().absolute() for path in paths]
+    # A slide given twice (as a file and inside a folder) is analysed once.
+    absolute = list(dict.fromkeys(path.expanduser().absolute() for path in paths))
     slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
     options = CohortOptions(
         bundle=args.bundle.expanduser().absolute(),
