@@ -440,3 +440,18 @@ def test_resume_rejects_other_architecture(
     arguments = train_arguments(patches, output, lpips_backbone, 6)
     with pytest.raises(SystemExit, match=r"another UNet or noise schedule \(unet\.block_out_channels\)"):
         anoddpm_train.main([*arguments, "--block-out-channels", "8,8"])
+
+
+def test_cohort_accepts_anoddpm_options(trained: Path):
+    from napari_anopilad.cli import CommandError
+    from napari_anopilad.commands.analyze_cohort import _check_method_settings
+
+    bundle = trained / "bundle"
+    unset = {"guidance_scale": None, "precision": None, "unprompted": None, "score": None}
+
+    _check_method_settings(
+        bundle, {**unset, "start_timestep": 300, "sampler": "plms", "num_inference_steps": 50}
+    )
+
+    with pytest.raises(CommandError, match="--guidance-scale: AnoPILaD settings, which do not apply"):
+        _check_method_settings(bundle, {**unset, "guidance_scale": 3.0, "start_timestep": 300})

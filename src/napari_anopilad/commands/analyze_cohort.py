@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -227,7 +228,7 @@ def _check_method_settings(
     """
     from napari_anopilad.commands.analyze import SETTING_FLAGS, settings_with_overrides
     from napari_anopilad.engine.triage_pass import check_triage_method
-    from napari_anopilad.method.baselines.base import bundle_method, scorer_class_for
+    from napari_anopilad.method.baselines.base import BaselineSettings, bundle_method, scorer_class_for
     from napari_anopilad.method.bundle import read_bundle_settings
     from napari_anopilad.method.errors import BundleError
     from napari_anopilad.method.scorers import ANOPILAD
@@ -253,10 +254,21 @@ def _check_method_settings(
             raise CommandError(str(error)) from error
         settings_with_overrides(settings, overrides)
         return
+    # A comparison method takes the flags among its own options (AnoDDPM's start timestep, sampler and
+    # steps), as `anopilad analyze` does.
+    spec_path = Path(bundle_folder) / "bundle.json"
+    try:
+        method_settings = BaselineSettings.from_dict(json.loads(spec_path.read_text()).get("settings") or {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise CommandError(f"settings in {spec_path}: {error}") from error
     flags = [
         SETTING_FLAGS[name]
         for name, value in overrides.items()
-        if name in SETTING_FLAGS and name != "score" and not (name == "precision" and value == "float32")
+        if name in SETTING_FLAGS
+        and value is not None
+        and name != "score"
+        and name not in method_settings.options
+        and not (name == "precision" and value == "float32")
     ]
     if compile_mode is not None:
         flags.append("--compile")
@@ -265,6 +277,7 @@ def _check_method_settings(
             f"{', '.join(flags)}: AnoPILaD settings, which do not apply to the {method} bundle {bundle_folder}; "
             "leave them out"
         )
+    settings_with_overrides(method_settings, overrides)
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, Any]:
