@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_anopilad.cli import CommandError, main, prepare_output_folder
+from napari_anopilad.cli import CommandError, OutputFolders, main, prepare_output_folder
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -75,6 +75,27 @@ def test_prepare_output_folder_rejects_read_only(tmp_path: Path) -> None:
         folder.chmod(0o700)
 
 
+def test_output_folders_keep_written_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    empty = tmp_path / "parent" / "empty"
+
+    with pytest.raises(RuntimeError), OutputFolders() as folders:
+        folders.prepare(out, "--out")
+        folders.prepare(empty, "--store")
+        (out / "patches.csv").write_text("row,col\n")
+        raise RuntimeError("the work failed")
+
+    assert (out / "patches.csv").is_file()
+    assert not (tmp_path / "parent").exists()
+
+
+def test_output_folders_kept_on_success(tmp_path: Path) -> None:
+    with OutputFolders() as folders:
+        folders.prepare(tmp_path / "out", "--out")
+
+    assert (tmp_path / "out").is_dir()
+
+
 @pytest.mark.parametrize("out_kind", ["file", "inside-file"])
 def test_analyze_invalid_out_fails_first(
     out_kind: str,
@@ -135,7 +156,78 @@ def test_analyze_invalid_store_fails_first(
 
     assert status == 2
     assert f"--store {regular_file} is a file, not a folder" in _error_line("analyze", stderr)
-    assert not (out / "patches.csv").exists()
+    # --out was created before --store failed, and is removed again because it stayed empty.
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("failure", ["bundle", "region"])
+def test_analyze_failed_check_removes_new_folders(
+    failure: str,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bundle = demo_bundle_dir
+    flags: list[str] = []
+    if failure == "bundle":
+        bundle = tmp_path / "bundle"
+        shutil.copytree(demo_bundle_dir, bundle, ignore=shutil.ignore_patterns(".cache"))
+        (bundle / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    else:
+        flags = ["--region", "900000", "900000", "256", "256"]
+    out = tmp_path / "results" / "run-1"
+    store = tmp_path / "stores" / "shared"
+
+    status, _, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        *flags,
+    )
+
+    assert status == 2
+    line = _error_line("analyze", stderr)
+    assert ("LoRA weights" if failure == "bundle" else "--region 900000 900000 256 256") in line
+    # Both folders and their missing parents were created by the output check and are removed again.
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "stores").exists()
+
+
+def test_analyze_failed_check_keeps_existing_folders(
+    tmp_path: Path, cmu_slide_path: Path, demo_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = _bundle_with(demo_bundle_dir, tmp_path / "bundle", "settings", "num_inference_steps", 2.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    store = out / "store"
+
+    status, _, stderr = _run(
+        capsys,
+        "analyze",
+        str(cmu_slide_path),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    assert "num_inference_steps 2.5 is invalid" in _error_line("analyze", stderr)
+    assert out.is_dir()
+    assert not store.exists()
 
 
 @pytest.mark.parametrize("out_kind", ["file", "inside-file"])
@@ -206,7 +298,7 @@ def test_analyze_bundle_wrong_type(
     line = _error_line("analyze", stderr)
     assert f"inference settings in {bundle / 'bundle.json'}: num_inference_steps 2.5 is invalid" in line
     assert line.endswith("use an integer")
-    assert not (tmp_path / "out" / "slide.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -239,8 +331,9 @@ def test_analyze_non_finite_guidance_fails_first(
         f"--guidance-scale {value} is invalid: use a finite number"
     )
     assert stdout == ""
-    # The store folder is created by the output check, but no slide's store is opened in it.
-    assert list(store.iterdir()) == []
+    # The output check creates both folders, and the failed setting check removes them again.
+    assert not store.exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

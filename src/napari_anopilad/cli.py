@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 # Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 # Modules are imported lazily so that ``anopilad info`` does not pay for importing torch.
@@ -65,6 +66,49 @@ def prepare_output_folder(folder: Path, label: str) -> Path:
             f"{label} {folder} is not writable ({error.strerror or error}): give a folder that you can write to"
         ) from error
     return folder
+
+
+class OutputFolders:
+    """Output folders that a command creates, removed again when the command fails while they are empty.
+
+    Use it as a context manager around the checks and the work: when an exception leaves the block, each
+    folder (or missing parent) that :meth:`prepare` created and that is still empty is removed, so a
+    failed check leaves nothing behind. Folders that existed before, and folders that hold files, stay.
+    """
+
+    def __init__(self) -> None:
+        self._created: list[Path] = []
+
+    def prepare(self, folder: Path, label: str) -> Path:
+        """Run :func:`prepare_output_folder` and remember the folders that it created."""
+        folder = Path(folder)
+        missing = [path for path in (folder, *folder.parents) if not path.exists()]
+        try:
+            return prepare_output_folder(folder, label)
+        finally:
+            self._created.extend(path for path in missing if path.is_dir())
+
+    def remove_empty(self) -> None:
+        """Remove the created folders that are empty, deepest first, so that emptied parents go too."""
+        for path in sorted(set(self._created), key=lambda path: len(path.absolute().parts), reverse=True):
+            try:
+                path.rmdir()
+            except OSError:
+                # The folder holds files that the work wrote, or is already gone, so it stays.
+                continue
+        self._created.clear()
+
+    def __enter__(self) -> OutputFolders:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.remove_empty()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_anopilad.cli import CommandError, prepare_output_folder
+from napari_anopilad.cli import CommandError, OutputFolders
 
 # The output writers live in the engine, so that cohort workers write the same files; these names stay
 # importable from here.
@@ -503,121 +503,123 @@ def analyze(
             f"bundle folder {bundle_folder} not found: give a model bundle folder "
             "(anopilad make-demo-bundle DIR makes a demo one)"
         )
-    out = prepare_output_folder(Path(out), "--out")
-    if store_root is not None:
-        prepare_output_folder(Path(store_root), "--store")
+    # When a check below fails, the folders created here are removed again while they are empty.
+    with OutputFolders() as folders:
+        out = folders.prepare(Path(out), "--out")
+        if store_root is not None:
+            folders.prepare(Path(store_root), "--store")
 
-    torch_device = choose_device(device)
-    bundle = load_any_bundle(bundle_folder, allow_download=allow_download)
-    method = method_of(bundle)
-    settings = settings_with_overrides(bundle.settings, overrides or {})
-    if settings.score not in score_names(bundle):
-        raise CommandError(
-            f"--score {settings.score} is not a {method} score: use one of {', '.join(score_names(bundle))}"
-        )
-    if triage is not None:
-        check_triage_method(method, bundle_folder)
-    if compile_mode is not None and method != ANOPILAD:
-        raise CommandError(
-            f"--compile applies to AnoPILaD's UNet only, but {bundle_folder} is a {method_label(method)} "
-            "bundle: leave out --compile"
-        )
-    if save_reconstructions and not reconstructs(bundle):
-        raise CommandError(
-            f"--save-reconstructions: the {method_label(method)} method of {bundle_folder} scores likelihoods "
-            "and makes no reconstructions; leave the option out"
-        )
-    check_precision(torch_device, settings.precision)
-
-    with open_slide(slide_path, mpp=mpp) as slide:
-        tissue_mask = compute_tissue_mask(slide)
-        grid = build_patch_grid(slide, tissue_mask=tissue_mask)
-        cells = select_cells(slide, grid, region_level0)
-
-        store = ResultStore(
-            store_root if store_root is not None else out / "store",
-            slide.identity,
-            bundle.identity,
-            settings,
-            grid=grid_description(grid),
-        )
-        if bundle.demo:
-            print(f"WARNING: {DEMO_WARNING}.", file=sys.stderr)
-
-        triage_results = plan = None
-        triage_summary: dict[str, Any] | None = None
-        target = cells
+        torch_device = choose_device(device)
+        bundle = load_any_bundle(bundle_folder, allow_download=allow_download)
+        method = method_of(bundle)
+        settings = settings_with_overrides(bundle.settings, overrides or {})
+        if settings.score not in score_names(bundle):
+            raise CommandError(
+                f"--score {settings.score} is not a {method} score: use one of {', '.join(score_names(bundle))}"
+            )
         if triage is not None:
-            triage_results, plan, n_triage_computed = _run_triage(
-                slide, grid, bundle, torch_device, store.root, cells, triage, threshold, progress
+            check_triage_method(method, bundle_folder)
+        if compile_mode is not None and method != ANOPILAD:
+            raise CommandError(
+                f"--compile applies to AnoPILaD's UNet only, but {bundle_folder} is a {method_label(method)} "
+                "bundle: leave out --compile"
             )
-            target = plan.cells
-            triage_summary = {
-                "scorer": triage_results.scorer_name,
-                "k": triage_results.k,
-                "n_patches": triage_results.n_patches,
-                "n_computed": n_triage_computed,
-                "z_max": triage_results.z_max,
-                "z_99": triage_results.z_99,
-                "plan": plan.to_dict(),
-            }
-            print(
-                f"Triage budget: {plan.n_budget} of {len(cells)} tissue patches for AnoPILaD "
-                f"({plan.n_top} top by {triage.score}, plus neighbours within {triage.neighbour_radius} cells)"
+        if save_reconstructions and not reconstructs(bundle):
+            raise CommandError(
+                f"--save-reconstructions: the {method_label(method)} method of {bundle_folder} scores likelihoods "
+                "and makes no reconstructions; leave the option out"
+            )
+        check_precision(torch_device, settings.precision)
+
+        with open_slide(slide_path, mpp=mpp) as slide:
+            tissue_mask = compute_tissue_mask(slide)
+            grid = build_patch_grid(slide, tissue_mask=tissue_mask)
+            cells = select_cells(slide, grid, region_level0)
+
+            store = ResultStore(
+                store_root if store_root is not None else out / "store",
+                slide.identity,
+                bundle.identity,
+                settings,
+                grid=grid_description(grid),
+            )
+            if bundle.demo:
+                print(f"WARNING: {DEMO_WARNING}.", file=sys.stderr)
+
+            triage_results = plan = None
+            triage_summary: dict[str, Any] | None = None
+            target = cells
+            if triage is not None:
+                triage_results, plan, n_triage_computed = _run_triage(
+                    slide, grid, bundle, torch_device, store.root, cells, triage, threshold, progress
+                )
+                target = plan.cells
+                triage_summary = {
+                    "scorer": triage_results.scorer_name,
+                    "k": triage_results.k,
+                    "n_patches": triage_results.n_patches,
+                    "n_computed": n_triage_computed,
+                    "z_max": triage_results.z_max,
+                    "z_99": triage_results.z_99,
+                    "plan": plan.to_dict(),
+                }
+                print(
+                    f"Triage budget: {plan.n_budget} of {len(cells)} tissue patches for AnoPILaD "
+                    f"({plan.n_top} top by {triage.score}, plus neighbours within {triage.neighbour_radius} cells)"
+                )
+
+            done = store.done_cells(need_reconstructions=save_reconstructions)
+            n_reused = sum((int(row), int(col)) in done for row, col in target)
+            if n_reused:
+                print(f"Reused {n_reused} of {len(target)} patches from the store {store.folder}")
+
+            n_computed = 0
+            if n_reused < len(target):
+                # Loading the models takes a while, so it happens only when some patch needs them.
+                logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
+                scorer = make_scorer(bundle, str(torch_device), settings, compile_mode=compile_mode)
+                session = AnalysisSession(
+                    slide,
+                    grid,
+                    scorer,
+                    store,
+                    cells=target,
+                    batch_size=batch_size,
+                    save_reconstructions=save_reconstructions,
+                    calibration=calibration_reference(bundle, settings),
+                )
+                if plan is not None:
+                    session.prioritize(plan.priority)
+                n_computed = _run_with_progress(session, progress)
+
+            results = compute_slide_results(store, grid, bundle, threshold, cells=cells, settings=settings)
+            files = write_outputs(
+                out,
+                slide=slide,
+                grid=grid,
+                results=results,
+                settings=settings,
+                bundle=bundle,
+                region_level0=region_level0,
+                store=store if save_reconstructions else None,
+                triage=triage_results,
+                plan=plan,
             )
 
-        done = store.done_cells(need_reconstructions=save_reconstructions)
-        n_reused = sum((int(row), int(col)) in done for row, col in target)
-        if n_reused:
-            print(f"Reused {n_reused} of {len(target)} patches from the store {store.folder}")
-
-        n_computed = 0
-        if n_reused < len(target):
-            # Loading the models takes a while, so it happens only when some patch needs them.
-            logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
-            scorer = make_scorer(bundle, str(torch_device), settings, compile_mode=compile_mode)
-            session = AnalysisSession(
-                slide,
-                grid,
-                scorer,
-                store,
-                cells=target,
-                batch_size=batch_size,
-                save_reconstructions=save_reconstructions,
-                calibration=calibration_reference(bundle, settings),
-            )
-            if plan is not None:
-                session.prioritize(plan.priority)
-            n_computed = _run_with_progress(session, progress)
-
-        results = compute_slide_results(store, grid, bundle, threshold, cells=cells, settings=settings)
-        files = write_outputs(
-            out,
-            slide=slide,
-            grid=grid,
-            results=results,
-            settings=settings,
-            bundle=bundle,
-            region_level0=region_level0,
-            store=store if save_reconstructions else None,
-            triage=triage_results,
-            plan=plan,
+        return AnalysisOutputs(
+            out=out,
+            n_patches=results.n_patches,
+            n_reused=n_reused,
+            n_computed=n_computed,
+            z_max=results.z_max,
+            z_99=results.z_99,
+            z_source=results.z_source,
+            demo=bool(bundle.demo),
+            files=files,
+            n_tissue_patches=len(cells),
+            triage=triage_summary,
+            scorer=method,
         )
-
-    return AnalysisOutputs(
-        out=out,
-        n_patches=results.n_patches,
-        n_reused=n_reused,
-        n_computed=n_computed,
-        z_max=results.z_max,
-        z_99=results.z_99,
-        z_source=results.z_source,
-        demo=bool(bundle.demo),
-        files=files,
-        n_tissue_patches=len(cells),
-        triage=triage_summary,
-        scorer=method,
-    )
 
 
 def _run_triage(
