@@ -230,6 +230,57 @@ def test_analyze_failed_check_keeps_existing_folders(
     assert not store.exists()
 
 
+@pytest.mark.parametrize("store_kind", ["file", "inside-file"])
+def test_cohort_invalid_store_fails_first(
+    store_kind: str,
+    regular_file: Path,
+    tmp_path: Path,
+    cmu_slide_path: Path,
+    demo_bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = regular_file if store_kind == "file" else regular_file / "store"
+    out = tmp_path / "cohort"
+
+    status, stdout, stderr = _run(
+        capsys,
+        "analyze-cohort",
+        str(cmu_slide_path),
+        "--bundle",
+        str(demo_bundle_dir),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+    )
+
+    assert status == 2
+    line = _error_line("analyze-cohort", stderr)
+    assert f"--store {store} " in line
+    assert "give a folder path" in line
+    assert "dask cluster" not in stdout
+    # --out was created before the --store check and is removed again because it stayed empty.
+    assert not out.exists()
+
+
+def test_cohort_store_created_before_cluster(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    from napari_anopilad.commands.analyze_cohort import build_cohort
+
+    slide = tmp_path / "slide.svs"
+    slide.write_bytes(b"")
+    store = tmp_path / "stores" / "cohort"
+    args = _cohort_args(
+        str(slide), "--bundle", str(demo_bundle_dir), "--out", str(tmp_path / "out"), "--store", str(store)
+    )
+
+    _, options = build_cohort(args)
+
+    assert store.is_dir()
+    assert options.store_root == store
+
+
 @pytest.mark.parametrize("out_kind", ["file", "inside-file"])
 def test_cohort_invalid_out_fails_first(
     out_kind: str,

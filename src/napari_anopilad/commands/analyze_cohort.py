@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_anopilad._reader import SLIDE_SUFFIXES
-from napari_anopilad.cli import CommandError, prepare_output_folder
+from napari_anopilad.cli import CommandError, OutputFolders
 from napari_anopilad.commands.analyze import (
     DEMO_WARNING,
     add_analysis_arguments,
@@ -191,8 +191,13 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         _check_method_settings(
             args.bundle, _setting_overrides(args), triage=triage is not None, compile_mode=args.compile
         )
-    # cohort.csv goes to OUT after the last slide, so an unwritable OUT must fail before the first one.
-    out = prepare_output_folder(args.out.expanduser().absolute(), "--out")
+    # cohort.csv goes to OUT after the last slide and every slide writes to the store, so an unwritable
+    # OUT or --store must fail before the first slide. A --store that fails removes a new, empty OUT again.
+    with OutputFolders() as folders:
+        out = folders.prepare(args.out.expanduser().absolute(), "--out")
+        store_root = None
+        if args.store is not None:
+            store_root = folders.prepare(args.store.expanduser().absolute(), "--store")
 
     # A slide given twice (as a file and inside a folder) is analysed once.
     absolute = list(dict.fromkeys(path.expanduser().absolute() for path in paths))
@@ -200,7 +205,7 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
     options = CohortOptions(
         bundle=args.bundle.expanduser().absolute(),
         out=out,
-        store_root=args.store.expanduser().absolute() if args.store is not None else None,
+        store_root=store_root,
         device=args.device,
         batch_size=args.batch_size,
         block_size=args.block_size,
