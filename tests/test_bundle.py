@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from napari_anopilad.method.bundle import BundleError, load_bundle
+from napari_anopilad.method.bundle import BundleError, load_bundle, load_prompt_parts
 from napari_anopilad.method.settings import InferenceSettings
 
 
@@ -109,6 +110,51 @@ def test_missing_lora_file(bundle_copy: Path) -> None:
         BundleError, match=r"^LoRA weights: file .*pytorch_lora_weights.safetensors not found"
     ):
         load_bundle(bundle_copy)
+
+
+def test_prompt_parts_without_diffusion_parts(demo_bundle_dir: Path, bundle_copy: Path) -> None:
+    (bundle_copy / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    shutil.rmtree(bundle_copy / "sd15")
+    shutil.rmtree(bundle_copy / "lpips")
+    full = load_bundle(demo_bundle_dir)
+
+    parts = load_prompt_parts(bundle_copy)
+
+    assert parts.keywords == full.keywords
+    assert parts.templates == full.templates
+    assert parts.settings == full.settings
+    assert parts.demo is True
+    # The same hash as the full bundle's, so both use one cached set of keyword embeddings.
+    assert parts.part_hashes == {"conch": full.part_hashes["conch"]}
+    # load_bundle keeps requiring every part.
+    with pytest.raises(BundleError, match=r"^base model: file .*sd15 not found"):
+        load_bundle(bundle_copy)
+
+
+def test_prompt_parts_missing_conch_checkpoint(bundle_copy: Path) -> None:
+    checkpoint = bundle_copy / read_spec(bundle_copy)["conch"]["checkpoint"]
+    checkpoint.unlink()
+
+    with pytest.raises(BundleError, match=rf"^CONCH checkpoint: file {re.escape(str(checkpoint))} not found"):
+        load_prompt_parts(bundle_copy)
+
+
+def test_prompt_parts_missing_keyword_file(bundle_copy: Path) -> None:
+    (bundle_copy / "prompts" / "normal_lymph_node_keywords.txt").unlink()
+
+    with pytest.raises(BundleError, match=r"^keyword bank: file .*normal_lymph_node_keywords.txt not found"):
+        load_prompt_parts(bundle_copy)
+
+
+def test_prompt_parts_reject_comparison_bundle(bundle_copy: Path) -> None:
+    spec = read_spec(bundle_copy)
+    spec["method"] = "ae"
+    write_spec(bundle_copy, spec)
+
+    with pytest.raises(
+        BundleError, match=r"is a bundle of the comparison method 'ae', which has no CONCH model"
+    ):
+        load_prompt_parts(bundle_copy)
 
 
 def test_lora_of_rank_8(bundle_copy: Path) -> None:

@@ -189,6 +189,37 @@ class Bundle:
         return cached_keyword_embeddings(self)
 
 
+@dataclass
+class PromptParts:
+    """The parts of a bundle that keyword prompts need: CONCH, the keyword bank, the templates and settings.
+
+    :func:`load_prompt_parts` checks only these, so a bundle whose diffusion or LPIPS parts are missing
+    still gives prompts. ``part_hashes`` has the ``conch`` entry only, equal to :class:`Bundle`'s, so both
+    share the cached keyword embeddings.
+    """
+
+    folder: Path
+    demo: bool
+    conch_checkpoint: Path
+    conch_config: dict[str, Any]
+    keywords: list[str]
+    templates: list[str]
+    settings: InferenceSettings
+    part_hashes: dict[str, str]
+    device: str = "cpu"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder for derived files (keyword embeddings, file hashes): inside the bundle when writable."""
+        return _cache_dir(self.folder)
+
+    def load_conch(self, device: str | torch.device | None = None) -> CoCa:
+        """Load CONCH with a strict key check, in eval mode."""
+        from napari_anopilad.method.conch_model import load_conch
+
+        return load_conch(self.conch_config, self.conch_checkpoint, device or self.device)
+
+
 def load_bundle(
     folder: str | os.PathLike[str],
     allow_download: bool = False,
@@ -226,11 +257,7 @@ def load_bundle(
     _check_lora(lora, base_model)
     conch_checkpoint, conch_config = _read_conch(folder, _section(spec, "conch"), allow_download, token)
     lpips_net, lpips_backbone = _read_lpips(folder, _section(spec, "lpips"))
-    prompts = _section(spec, "prompts")
-    keyword_file = _resolve(folder, prompts.get("keywords"), "keyword bank", "prompts.keywords")
-    template_file = _resolve(folder, prompts.get("templates"), "caption templates", "prompts.templates")
-    keywords = read_keywords(keyword_file)
-    templates = read_templates(template_file)
+    keywords, templates = _read_prompts(folder, _section(spec, "prompts"))
     calibration, calibration_note = _read_calibration(
         spec.get("calibration"), settings, require_calibration, spec_path
     )
@@ -273,6 +300,50 @@ def read_bundle_settings(folder: str | os.PathLike[str]) -> InferenceSettings:
     """
     spec, spec_path = _read_spec(Path(folder))
     return _read_settings(spec, spec_path)
+
+
+def load_prompt_parts(
+    folder: str | os.PathLike[str],
+    allow_download: bool = False,
+    device: str = "cpu",
+    *,
+    token: str | None = None,
+) -> PromptParts:
+    """Read ``bundle.json`` from ``folder`` and check only the parts that keyword prompts need.
+
+    The settings, the CONCH config and checkpoint, the keyword bank, the caption templates and ``demo``
+    are checked as :func:`load_bundle` checks them. The base model, LoRA, LPIPS and calibration entries
+    are neither read nor required, so use :func:`load_bundle` wherever the diffusion runs.
+
+    Raises
+    ------
+    BundleError
+        For a missing or invalid part among those above, or a comparison method's bundle, which has no
+        CONCH model or keyword bank.
+    """
+    folder = Path(folder)
+    spec, spec_path = _read_spec(folder)
+    method = spec.get("method", "anopilad")
+    if method != "anopilad":
+        raise BundleError(
+            f"bundle: {spec_path} is a bundle of the comparison method {method!r}, which has no CONCH model "
+            "or keyword bank: give an AnoPILaD bundle"
+        )
+    settings = _read_settings(spec, spec_path)
+    conch_checkpoint, conch_config = _read_conch(folder, _section(spec, "conch"), allow_download, token)
+    keywords, templates = _read_prompts(folder, _section(spec, "prompts"))
+    demo = _checked(check_bool, "demo", spec.get("demo", False), "bundle", folder)
+    return PromptParts(
+        folder=folder,
+        demo=demo,
+        conch_checkpoint=conch_checkpoint,
+        conch_config=conch_config,
+        keywords=keywords,
+        templates=templates,
+        settings=settings,
+        part_hashes=_part_hashes(folder, {"conch": [conch_checkpoint]})[1],
+        device=device,
+    )
 
 
 def read_keywords(path: Path) -> list[str]:
@@ -488,6 +559,13 @@ def _read_lpips(folder: Path, section: dict[str, Any]) -> tuple[str, Path]:
     return net, backbone
 
 
+def _read_prompts(folder: Path, section: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Return the keyword bank and the caption templates that the ``prompts`` section names."""
+    keyword_file = _resolve(folder, section.get("keywords"), "keyword bank", "prompts.keywords")
+    template_file = _resolve(folder, section.get("templates"), "caption templates", "prompts.templates")
+    return read_keywords(keyword_file), read_templates(template_file)
+
+
 def _read_calibration(
     values: Any, settings: InferenceSettings, require_calibration: bool, spec_path: Path
 ) -> tuple[Calibration | None, str | None]:
@@ -543,13 +621,7 @@ def _bundle_identity(
     templates: list[str],
     settings: InferenceSettings,
 ) -> tuple[str, dict[str, str]]:
-    hashes = _FileHashCache(_cache_dir(folder) / "file-hashes.json")
-    record = {part: [hashes.get(path) for path in paths] for part, paths in sorted(weight_files.items())}
-    hashes.save()
-    part_hashes = {
-        part: hashlib.sha256("".join(file_hashes).encode()).hexdigest()[:16]
-        for part, file_hashes in record.items()
-    }
+    record, part_hashes = _part_hashes(folder, weight_files)
     record_text = json.dumps(
         {
             "weights": record,
@@ -561,6 +633,20 @@ def _bundle_identity(
         sort_keys=True,
     )
     return hashlib.sha256(record_text.encode()).hexdigest()[:16], part_hashes
+
+
+def _part_hashes(
+    folder: Path, weight_files: dict[str, list[Path]]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Return each part's file hashes and each part's combined hash, reusing the hashes cached in ``folder``."""
+    hashes = _FileHashCache(_cache_dir(folder) / "file-hashes.json")
+    record = {part: [hashes.get(path) for path in paths] for part, paths in sorted(weight_files.items())}
+    hashes.save()
+    part_hashes = {
+        part: hashlib.sha256("".join(file_hashes).encode()).hexdigest()[:16]
+        for part, file_hashes in record.items()
+    }
+    return record, part_hashes
 
 
 def _cache_dir(folder: Path) -> Path:

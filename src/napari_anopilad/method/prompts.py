@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from conch.open_clip_custom import CoCa
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from napari_anopilad.method.bundle import Bundle
+    from napari_anopilad.method.bundle import Bundle, PromptParts
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def keyword_cache_key(conch_hash: str, keywords: Sequence[str], templates: Seque
 
 
 def cached_keyword_embeddings(
-    bundle: Bundle, model: CoCa | None = None, device: str | torch.device = "cpu"
+    bundle: Bundle | PromptParts, model: CoCa | None = None, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Return the bundle's keyword embeddings, computing them once and storing them in the bundle's cache."""
     from safetensors import SafetensorError
@@ -226,7 +226,7 @@ def keyword_similarities(image_embeddings: torch.Tensor, keyword_embeddings: tor
 
 
 def keyword_prompts_for_images(
-    bundle: Bundle,
+    bundle: Bundle | PromptParts,
     images_uint8: np.ndarray,
     model: CoCa,
     top_k: int = 5,
@@ -238,6 +238,8 @@ def keyword_prompts_for_images(
 
     Parameters
     ----------
+    bundle
+        A loaded bundle, or only its prompt parts (:func:`napari_anopilad.method.bundle.load_prompt_parts`).
     images_uint8
         ``(n, height, width, 3)`` RGB images; CONCH's preprocessing resizes and crops them.
     model
