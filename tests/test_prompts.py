@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from compel.prompt_parser import PromptParser
+from PIL import Image
 
 from napari_anopilad.cli import main
 from napari_anopilad.method.bundle import load_bundle
@@ -353,3 +356,129 @@ def test_prompt_command_missing_image(
     assert main(["prompt", str(tmp_path / "absent.png"), "--bundle", str(demo_bundle_dir)]) == 2
 
     assert "absent.png not found" in capsys.readouterr().err
+
+
+def _prompt_error(capsys: pytest.CaptureFixture[str], image: Path, bundle: Path) -> str:
+    """Run ``anopilad prompt`` on an invalid input and return its one error line."""
+    assert main(["prompt", str(image), "--bundle", str(bundle)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("anopilad prompt: error: ")
+    assert captured.out == ""
+    return lines[0]
+
+
+def test_prompt_rejects_float_heatmap(
+    demo_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    heatmap = tmp_path / "heatmap.tif"
+    tifffile.imwrite(heatmap, np.full((12, 9), np.nan, dtype=np.float32))
+
+    line = _prompt_error(capsys, heatmap, demo_bundle_dir)
+
+    assert f"image {heatmap} is float32 with shape (12, 9), not an 8-bit RGB or RGBA patch" in line
+    assert "a whole slide needs `anopilad analyze`" in line
+
+
+def test_prompt_rejects_whole_slide(
+    demo_bundle_dir: Path, cmu_slide_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _prompt_error(capsys, cmu_slide_path, demo_bundle_dir)
+
+    assert f"image {cmu_slide_path} is a whole-slide image or an image stack (aperio, 4 pages" in line
+    assert "first image of shape (2967, 2220, 3)" in line
+    assert "a whole slide needs `anopilad analyze`" in line
+
+
+def test_prompt_rejects_grayscale_png(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gray = tmp_path / "gray.png"
+    with Image.open(data_dir / NORMAL_TILE) as image:
+        image.convert("L").save(gray)
+
+    line = _prompt_error(capsys, gray, demo_bundle_dir)
+
+    assert f"image {gray} is uint8 with shape (224, 224) (PIL mode L), not an 8-bit RGB or RGBA patch" in line
+
+
+def test_prompt_rejects_16_bit_tiff(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "patch16.tif"
+    with Image.open(data_dir / NORMAL_TILE) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    tifffile.imwrite(path, rgb.astype(np.uint16) * 257, photometric="rgb")
+
+    line = _prompt_error(capsys, path, demo_bundle_dir)
+
+    assert f"image {path} is uint16 with shape (224, 224, 3), not an 8-bit RGB or RGBA patch" in line
+
+
+def test_prompt_rejects_region_larger_than_patch(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    region = tmp_path / "region.png"
+    with Image.open(data_dir / NORMAL_TILE) as image:
+        Image.fromarray(np.tile(np.asarray(image), (5, 5, 1))).save(region)
+
+    line = _prompt_error(capsys, region, demo_bundle_dir)
+
+    assert (
+        f"image {region} is uint8 with shape (1120, 1120, 4) (PIL mode RGBA), larger than one patch" in line
+    )
+    assert "(at most 1024 px a side)" in line
+
+
+def test_prompt_tiff_matches_png(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiff = tmp_path / "patch.tif"
+    with Image.open(data_dir / NORMAL_TILE) as image:
+        tifffile.imwrite(tiff, np.asarray(image), photometric="rgb", extrasamples=["unassalpha"])
+
+    assert main(["prompt", str(data_dir / NORMAL_TILE), "--bundle", str(demo_bundle_dir), "--json"]) == 0
+    from_png = json.loads(capsys.readouterr().out)
+    assert main(["prompt", str(tiff), "--bundle", str(demo_bundle_dir), "--json"]) == 0
+    from_tiff = json.loads(capsys.readouterr().out)
+
+    assert from_tiff == from_png
+
+
+def test_prompt_non_square_patch_warns(
+    demo_bundle_dir: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    crop = data_dir / "patches/camelyon17/patient_004_node_4_roi_x12597_y88778_341x382_L0.png"
+
+    assert main(["prompt", str(crop), "--bundle", str(demo_bundle_dir), "--json"]) == 0
+
+    assert len(json.loads(capsys.readouterr().out)["keywords"]) == 5
+    assert "is 382 x 341 px (height x width): CONCH sees only its central 341 px square" in caplog.text
+
+
+def test_prompt_bundle_without_lora(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_dir, bundle, ignore=shutil.ignore_patterns(".cache"))
+    (bundle / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    image = str(data_dir / NORMAL_TILE)
+
+    assert main(["prompt", image, "--bundle", str(demo_bundle_dir), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["prompt", image, "--bundle", str(bundle), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    assert result == expected
+
+
+def test_prompt_missing_bundle_folder(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _prompt_error(capsys, data_dir / NORMAL_TILE, tmp_path / "absent")
+
+    assert f"bundle folder {tmp_path / 'absent'} not found" in line
