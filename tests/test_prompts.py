@@ -446,6 +446,26 @@ def test_prompt_tiff_matches_png(
     assert from_tiff == from_png
 
 
+def test_prompt_rgba_composited_over_white(
+    demo_bundle_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Image.open(data_dir / NORMAL_TILE) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).round().astype(np.uint8), (rgb.shape[0], 1))
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    # Over white, written out with plain arithmetic: rgb * a + 255 * (1 - a), rounded.
+    fraction = alpha[..., None] / 255.0
+    over_white = np.rint(rgb * fraction + 255.0 * (1.0 - fraction)).astype(np.uint8)
+    Image.fromarray(over_white, "RGB").save(tmp_path / "over-white.png")
+
+    assert main(["prompt", str(tmp_path / "rgba.png"), "--bundle", str(demo_bundle_dir), "--json"]) == 0
+    from_rgba = json.loads(capsys.readouterr().out)
+    assert main(["prompt", str(tmp_path / "over-white.png"), "--bundle", str(demo_bundle_dir), "--json"]) == 0
+    from_rgb = json.loads(capsys.readouterr().out)
+
+    assert from_rgba == from_rgb
+
+
 def test_prompt_non_square_patch_warns(
     demo_bundle_dir: Path,
     data_dir: Path,

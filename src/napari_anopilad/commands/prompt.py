@@ -66,7 +66,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read one patch image as ``(height, width, 3)`` uint8 RGB, dropping an alpha channel.
+    """Read one patch image as ``(height, width, 3)`` uint8 RGB, an alpha channel composited over white.
 
     Raises
     ------
@@ -82,6 +82,11 @@ def read_image(path: Path) -> np.ndarray:
     with path.open("rb") as handle:
         is_tiff = handle.read(4) in TIFF_SIGNATURES
     image = _read_tiff_patch(path) if is_tiff else _read_pil_patch(path)
+    if image.shape[2] == 4:
+        from napari_anopilad.slide.reader import composite_over_white
+
+        # As the slide reader treats RGBA tiles, so a patch cut from a slide gets the pixels it had there.
+        image = composite_over_white(image)
     height, width = image.shape[:2]
     if height != width:
         logger.warning(
@@ -121,7 +126,7 @@ def _read_tiff_patch(path: Path) -> np.ndarray:
             pixels = page.asarray()
     except (tifffile.TiffFileError, OSError) as error:
         raise ValueError(f"image {path} could not be read ({error}); use a PNG, JPEG or TIFF file") from error
-    return np.ascontiguousarray(pixels[..., :3])
+    return np.ascontiguousarray(pixels[..., :4])
 
 
 def _read_pil_patch(path: Path) -> np.ndarray:
@@ -142,7 +147,7 @@ def _read_pil_patch(path: Path) -> np.ndarray:
                 raise ValueError(
                     f"image {path} is {image.mode} with shape {shape}, not an RGB or RGBA patch: {PATCH_FIX}"
                 )
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image)
     except Image.DecompressionBombError as error:
         raise ValueError(f"image {path} is larger than one patch ({error}): {PATCH_FIX}") from error
     except (UnidentifiedImageError, OSError) as error:
