@@ -483,6 +483,62 @@ def test_cohort_folder_expands_to_slides(tmp_path: Path, demo_bundle_dir: Path) 
     ]
 
 
+def _cohort_slide_paths(tmp_path: Path, bundle: Path, *slides: str) -> list[Path]:
+    from napari_anopilad.commands.analyze_cohort import build_cohort
+
+    args = _cohort_args(*slides, "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    return [slide.path for slide in build_cohort(args)[0]]
+
+
+def test_cohort_dotdot_path_analysed_once(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    folder = tmp_path / "slides"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.svs").write_bytes(b"")
+    dotdot = folder / "sub" / ".." / "a.svs"
+
+    paths = _cohort_slide_paths(tmp_path, demo_bundle_dir, str(folder), str(dotdot))
+
+    assert paths == [folder / "a.svs"]
+
+
+def test_cohort_list_relative_duplicate(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    slide = tmp_path / "slides" / "a.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(b"")
+    listing = tmp_path / "lists" / "cohort" / "slides.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_text("../../slides/a.svs\n")
+
+    paths = _cohort_slide_paths(tmp_path, demo_bundle_dir, str(slide), "--list", str(listing))
+
+    assert paths == [slide]
+
+
+def test_cohort_symlink_analysed_once(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    slide = tmp_path / "slides" / "a.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(b"")
+    link = tmp_path / "linked.svs"
+    link.symlink_to(slide)
+
+    paths = _cohort_slide_paths(tmp_path, demo_bundle_dir, str(link), str(slide.parent))
+
+    # The path given first names the slide, so its output folder is OUT/linked/.
+    assert paths == [link]
+
+
+def test_cohort_distinct_files_kept(tmp_path: Path, demo_bundle_dir: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.svs", "b.svs"):
+        (folder / name).write_bytes(b"")
+    missing = tmp_path / "absent.svs"
+
+    paths = _cohort_slide_paths(tmp_path, demo_bundle_dir, str(folder), str(missing), str(missing))
+
+    assert paths == [folder / "a.svs", folder / "b.svs", missing]
+
+
 def test_cohort_missing_file_kept(tmp_path: Path) -> None:
     from napari_anopilad.commands.analyze_cohort import expand_slide_folders
 

@@ -153,6 +153,26 @@ def expand_slide_folders(paths: list[Path]) -> list[Path]:
     return expanded
 
 
+def unique_slide_paths(paths: list[Path]) -> list[Path]:
+    """Drop every path that names the same file as an earlier one; return the rest as absolute paths.
+
+    Two paths name the same file when their real paths (symbolic links and ``..`` resolved) are equal, so
+    a slide given on its own, inside a folder, through a link or with ``..`` in its path is analysed once.
+    The first path given is kept as the user wrote it, made absolute, because it names the slide's
+    output folder and appears in cohort.csv.
+    """
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        absolute = path.expanduser().absolute()
+        try:
+            real = absolute.resolve()
+        except (OSError, RuntimeError):
+            # A symbolic link loop; the slide then fails on its own with the reader's error.
+            real = absolute
+        unique.setdefault(real, absolute)
+    return list(unique.values())
+
+
 def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         "sampler": args.sampler,
@@ -199,9 +219,8 @@ def build_cohort(args: argparse.Namespace) -> tuple[list[Any], Any]:
         if args.store is not None:
             store_root = folders.prepare(args.store.expanduser().absolute(), "--store")
 
-    # A slide given twice (as a file and inside a folder) is analysed once.
-    absolute = list(dict.fromkeys(path.expanduser().absolute() for path in paths))
-    slides = [CohortSlide(path=path, name=name) for path, name in zip(absolute, unique_slide_names(absolute))]
+    unique = unique_slide_paths(paths)
+    slides = [CohortSlide(path=path, name=name) for path, name in zip(unique, unique_slide_names(unique))]
     options = CohortOptions(
         bundle=args.bundle.expanduser().absolute(),
         out=out,
