@@ -208,6 +208,38 @@ def test_trim_log_drops_later_steps(tmp_path) -> None:
         assert list(csv.reader(handle)) == [["step", "loss"], ["0", "1.0"], ["1", "0.9"]]
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("format_version", True, "format_version True is invalid: use the integer 1"),
+        ("format_version", "1", "format_version '1' is invalid: use the integer 1"),
+        ("format_version", 2, "format_version 2 is not supported"),
+        ("name", 5, "name 5 is invalid: use a string"),
+    ],
+)
+def test_bundle_header_wrong_type(tmp_path, key: str, value: object, message: str) -> None:
+    folder = _memae_bundle(tmp_path / "bundle")
+    spec_path = folder / "bundle.json"
+    spec = json.loads(spec_path.read_text())
+    spec[key] = value
+    spec_path.write_text(json.dumps(spec))
+
+    with pytest.raises(BundleError) as raised:
+        load_baseline_bundle(folder)
+
+    assert str(raised.value).startswith(f"bundle in {spec_path}: {message}")
+
+
+def test_bundle_name_defaults_to_method(tmp_path) -> None:
+    folder = _memae_bundle(tmp_path / "bundle")
+    spec_path = folder / "bundle.json"
+    spec = json.loads(spec_path.read_text())
+    del spec["name"]
+    spec_path.write_text(json.dumps(spec))
+
+    assert load_baseline_bundle(folder).name == "memae"
+
+
 def test_bundle_method_default_and_unknown(tmp_path) -> None:
     (tmp_path / "bundle.json").write_text(json.dumps({"format_version": 1}))
     assert bundle_method(tmp_path) == "anopilad"

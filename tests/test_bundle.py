@@ -417,6 +417,12 @@ WRONG_TYPES = [
         "keyword bank in FILE: prompts.keywords {'file': 'k.txt'} is invalid",
     ),
     (("demo",), "false", "bundle in FILE: demo 'false' is invalid: use true or false"),
+    (("format_version",), True, "bundle in FILE: format_version True is invalid: use the integer 1"),
+    (("format_version",), "1", "bundle in FILE: format_version '1' is invalid: use the integer 1"),
+    (("format_version",), 1.0, "bundle in FILE: format_version 1.0 is invalid: use the integer 1"),
+    (("format_version",), None, "bundle in FILE: format_version None is invalid: use the integer 1"),
+    (("format_version",), 2, "bundle in FILE: format_version 2 is not supported"),
+    (("name",), 5, "bundle in FILE: name 5 is invalid: use a string"),
 ]
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.json_values import (
     check_bool,
+    check_format_version,
     check_integer,
     check_number,
     check_string,
@@ -385,10 +386,12 @@ def _read_spec(folder: Path) -> tuple[dict[str, Any], Path]:
         raise BundleError(f"bundle: {spec_path} is not valid JSON ({error})") from error
     if not isinstance(spec, dict):
         raise BundleError(f"bundle: {spec_path} must contain a JSON object, not {type(spec).__name__}")
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle: {spec_path} has format_version {spec.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
+    try:
+        check_format_version(spec.get("format_version"), FORMAT_VERSION)
+    except ValueError as error:
+        raise BundleError(f"bundle in {spec_path}: {error}") from error
+    if "name" in spec:
+        _checked(check_string, "name", spec["name"], "bundle", folder)
     return spec, spec_path
 
 

@@ -45,6 +45,21 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_format_version(value: Any, supported: int) -> int:
+    """Return ``value`` when it is the integer ``supported``; raise ValueError otherwise.
+
+    ``true``, ``"1"`` and ``1.0`` are rejected like any other value that is not a JSON integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"format_version {value!r} is invalid: use the integer {supported}")
+    if value != supported:
+        raise ValueError(
+            f"format_version {value!r} is not supported: this version of napari-anopilad reads format_version "
+            f"{supported} only, so install the version that wrote the bundle or rebuild it"
+        )
+    return int(value)
+
+
 def read_score_statistics(
     scores: Any, score_names: Sequence[str]
 ) -> tuple[dict[str, float], dict[str, float]]:

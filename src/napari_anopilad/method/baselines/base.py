@@ -23,7 +23,13 @@ import torch
 
 from napari_anopilad.method.errors import BundleError
 from napari_anopilad.method.heatmap import within_slide_stats, zscores
-from napari_anopilad.method.json_values import check_bool, check_integer, check_string, read_score_statistics
+from napari_anopilad.method.json_values import (
+    check_bool,
+    check_format_version,
+    check_integer,
+    check_string,
+    read_score_statistics,
+)
 from napari_anopilad.method.weights import hash_file, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -324,10 +330,11 @@ def load_baseline_bundle(
     method = bundle_method(folder)
     scorer_class = scorer_class_for(method)
     spec = json.loads(spec_path.read_text())
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle: {spec_path} has format_version {spec.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
+    try:
+        check_format_version(spec.get("format_version"), FORMAT_VERSION)
+        name = check_string("name", spec.get("name", method))
+    except ValueError as error:
+        raise BundleError(f"bundle in {spec_path}: {error}") from error
     model = spec.get("model")
     if not isinstance(model, dict):
         raise BundleError(f"bundle: {spec_path} needs a 'model' object with the {method} architecture")
@@ -388,7 +395,7 @@ def load_baseline_bundle(
     return BaselineBundle(
         folder=folder,
         method=method,
-        name=str(spec.get("name", method)),
+        name=name,
         demo=demo,
         model=model,
         weights=weights,
