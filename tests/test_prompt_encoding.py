@@ -93,6 +93,21 @@ def test_awkward_keyword_fragments_match_compel(pipeline: Any) -> None:
         assert encoder.fragments(prompt) == compel_fragments(prompt.prompt), prompt.prompt
 
 
+def test_plain_keywords_skip_the_parser(pipeline: Any) -> None:
+    encoder = KeywordPromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
+    plain = ["germinal center", "B-cell-rich zone", "CD4 T cells", "mantle zone", "sinus histiocytes"]
+    weights = [1.3, 1.1, 1.0, 0.9, 0.7]
+    with_comma = [*plain[:4], "cords, sinuses"]
+
+    fragments = encoder.fragments(KeywordPrompt(plain, weights, weights, format_prompt(plain, weights)))
+    parsed_after_plain = dict(encoder._parsed_texts)
+    encoder.fragments(KeywordPrompt(with_comma, weights, weights, format_prompt(with_comma, weights)))
+
+    assert parsed_after_plain == {}
+    assert fragments == compel_fragments(format_prompt(plain, weights))
+    assert "(cords, sinuses)---" in encoder._parsed_texts
+
+
 def test_embeddings_equal_compel(pipeline: Any, keywords: list[str]) -> None:
     encoder = KeywordPromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
     prompts = spread_prompts(keywords, 12, seed=5)

@@ -22,6 +22,7 @@ The tests compare fragments with Compel's parser and embeddings with ``Compel.__
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,16 +31,21 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from napari_anopilad.method.prompts import (
+    DOWNWEIGHT_STEP,
     KEYWORD_SEPARATOR,
     PROMPT_PREFIX,
+    UPWEIGHT_STEP,
     KeywordPrompt,
     format_keyword,
+    keyword_marks,
 )
 
 Fragment = tuple[str, float]
 
 # Compel clamps a fragment weight at this value before taking the tangent, so a weight of 0 stays finite.
 MIN_DOWNWEIGHT = 1e-5
+# Words of letters and digits joined by single spaces or hyphens, which Compel's grammar reads as text.
+PLAIN_TEXT = re.compile(r"[A-Za-z0-9]+(?:[ -][A-Za-z0-9]+)*")
 # Parsed texts kept: keyword groups, and whole prompts whose groups Compel reads differently in context.
 MAX_PARSED_TEXTS = 20_000
 
@@ -118,19 +124,43 @@ class KeywordPromptEncoder:
     def fragments(self, prompt: KeywordPrompt) -> tuple[Fragment, ...]:
         """Return the weighted fragments Compel's parser gives for the prompt's string."""
         top_k = len(prompt.keywords)
+        ranked = list(enumerate(zip(prompt.keywords, prompt.weights, strict=True)))
         groups = [
-            format_keyword(keyword, weight, rank, top_k, self.style)
-            for rank, (keyword, weight) in enumerate(zip(prompt.keywords, prompt.weights, strict=True))
+            format_keyword(keyword, weight, rank, top_k, self.style) for rank, (keyword, weight) in ranked
         ]
-        if not all(self._reads_alone(group) for group in groups):
-            # Compel reads one of the groups differently next to its neighbours: parse the whole prompt.
-            return self._parsed(PROMPT_PREFIX + KEYWORD_SEPARATOR.join(groups))
-        pieces: list[Fragment] = list(self._parsed(PROMPT_PREFIX.strip()))
-        for index, group in enumerate(groups):
-            if index > 0:
+        pieces: list[Fragment] = [(PROMPT_PREFIX.strip(), 1.0)]
+        for (rank, (keyword, weight)), group in zip(ranked, groups, strict=True):
+            if rank > 0:
                 pieces.append((KEYWORD_SEPARATOR.strip(), 1.0))
-            pieces.extend(self._parsed(group))
+            plain_weight = self._plain_weight(keyword, weight, rank, top_k)
+            if plain_weight is not None:
+                pieces.append((keyword, plain_weight))
+            elif self._reads_alone(group):
+                pieces.extend(self._parsed(group))
+            else:
+                # Compel reads this group differently next to its neighbours: parse the whole prompt.
+                return self._parsed(PROMPT_PREFIX + KEYWORD_SEPARATOR.join(groups))
         return fuse_fragments(pieces)
+
+    def _plain_weight(self, keyword: str, weight: float, rank: int, top_k: int) -> float | None:
+        """Return the weight Compel reads for a keyword of plain words, or None for any other keyword.
+
+        Plain words (letters and digits, joined by single spaces or hyphens) are text to Compel's grammar,
+        so their group needs no parse: ``n`` marks weigh ``1.1 ** n`` or ``0.9 ** n``, as Compel computes
+        them, and a number is read as written. Parsing every group took about 0.04 s on the CPU.
+        """
+        if PLAIN_TEXT.fullmatch(keyword) is None:
+            return None
+        if self.style == "numeric":
+            number = f"{weight:.2f}"
+            # A negative number reads as a "-" mark followed by text, so it goes through the parser.
+            return None if number.startswith("-") else float(number)
+        marks = keyword_marks(weight, rank, top_k)
+        if marks.startswith("+"):
+            return math.pow(UPWEIGHT_STEP, len(marks))
+        if marks.startswith("-"):
+            return math.pow(DOWNWEIGHT_STEP, len(marks))
+        return 1.0
 
     def _reads_alone(self, group: str) -> bool:
         """Return whether Compel reads ``group`` inside a prompt as it reads the group alone.
