@@ -116,10 +116,12 @@ def test_prompt_encoding_equals_compel(tmp_path: Path, demo_bundle_dir: Path) ->
     )
 
     compel_row, cold_row, cached_row = report["rows"]
-    assert compel_row["encoder_passes"] == cold_row["encoder_passes"]
-    assert cold_row["encoder_passes"] > 6
-    assert cold_row["passes_per_call"] == cold_row["encoder_passes"]
-    assert cached_row["encoder_passes"] == 0
+    # Compel encodes one sequence a call; the encoder all of them in one call; the cache none.
+    assert compel_row["sequences_encoded"] == cold_row["sequences_encoded"]
+    assert cold_row["sequences_encoded"] > 6
+    assert compel_row["text_encoder_calls"] == compel_row["sequences_encoded"]
+    assert cold_row["text_encoder_calls"] == 1
+    assert cached_row["text_encoder_calls"] == 0
     assert report["max_abs_difference"] < 1e-5
     assert report["cached_equals_fresh"]
     assert "| Compel on the prompt strings |" in (tmp_path / "prompt-encoding-cpu-bundle.md").read_text()
