@@ -179,7 +179,8 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         "--start-timestep",
         type=int,
         metavar="T",
-        help="timestep the patch is noised to, 0-999 (default: the bundle's, 674)",
+        help="timestep the patch is noised to, 0-999, rounded to the nearest step of the --steps grid "
+        "(default: the bundle's, 674, which the 100-step grid rounds to 671)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -530,6 +531,10 @@ def analyze(
                 "and makes no reconstructions; leave the option out"
             )
         check_precision(torch_device, settings.precision)
+        if method == ANOPILAD:
+            warning = start_timestep_warning(bundle, settings)
+            if warning is not None:
+                print(f"WARNING: {warning}", file=sys.stderr)
 
         with open_slide(slide_path, mpp=mpp) as slide:
             tissue_mask = compute_tissue_mask(slide)
@@ -620,6 +625,19 @@ def analyze(
             triage=triage_summary,
             scorer=method,
         )
+
+
+def start_timestep_warning(bundle: Any, settings: Any) -> str | None:
+    """Return a warning when the start timestep is not a step of the denoising grid, else None."""
+    on_grid = bundle.start_timestep_on_grid(settings)
+    if on_grid is None or on_grid == settings.start_timestep:
+        return None
+    return (
+        f"--start-timestep {settings.start_timestep} is not a step of the {settings.num_inference_steps}-step "
+        f"denoising grid, so the diffusion starts from the nearest step, timestep {on_grid} "
+        "(slide.json records it as start_timestep_on_grid). Choose a grid step or change --steps to start "
+        "elsewhere."
+    )
 
 
 def _run_triage(

@@ -363,6 +363,7 @@ def slide_summary(
         "demo": bool(bundle.demo),
         "bundle_identity": bundle.identity,
         "settings": settings.to_dict(),
+        "start_timestep_on_grid": start_timestep_on_grid(bundle, settings),
         "region_level0": list(region_level0) if region_level0 is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -381,6 +382,14 @@ def slide_summary(
             "plan": plan.to_dict() if plan is not None else None,
         }
     return summary
+
+
+def start_timestep_on_grid(bundle: Any, settings: Any) -> int | None:
+    """Return the grid timestep that AnoPILaD's diffusion starts from; None for a comparison method's bundle."""
+    if method_of(bundle) != ANOPILAD_SCORER:
+        return None
+    on_grid: int | None = bundle.start_timestep_on_grid(settings)
+    return on_grid
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:

@@ -165,6 +165,31 @@ class Bundle:
             return None
         return self.calibration
 
+    def scheduler_config(self) -> dict[str, Any] | None:
+        """Read the base model's ``scheduler/scheduler_config.json``; None when the file is missing or invalid."""
+        folder = self.base_model.config if self.base_model.kind == "single_file" else self.base_model.path
+        if folder is None:
+            return None
+        path = folder / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return config if isinstance(config, dict) else None
+
+    def start_timestep_on_grid(self, settings: InferenceSettings) -> int | None:
+        """Return the grid timestep that the diffusion starts from under ``settings``.
+
+        The start timestep is rounded to the nearest step of the ``num_inference_steps`` grid, as in
+        :func:`~napari_anopilad.method.diffusion.denoise`. None when the scheduler configuration is unreadable.
+        """
+        from napari_anopilad.method.diffusion import grid_start_timestep
+
+        config = self.scheduler_config()
+        if config is None:
+            return None
+        return grid_start_timestep(config, settings.num_inference_steps, settings.start_timestep)
+
     def load_pipeline(self, device: str | torch.device | None = None) -> StableDiffusionPipeline:
         """Load the SD1.5 pipeline in float32 with the LoRA fused into the UNet."""
         from napari_anopilad.method.pipeline import load_pipeline

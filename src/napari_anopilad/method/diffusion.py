@@ -165,6 +165,19 @@ def start_grid_index(grid: Sequence[int], start_timestep: int, num_train_timeste
     return max(index for index, distance in enumerate(distances) if distance == nearest)
 
 
+def grid_start_timestep(
+    scheduler_config: Mapping[str, Any], num_inference_steps: int, start_timestep: int
+) -> int:
+    """Return the timestep that denoising starts from: the grid step nearest to ``start_timestep``.
+
+    :func:`denoise` noises the latents to this timestep, not to ``start_timestep`` itself. With 20 steps
+    on Stable Diffusion 1.5's grid (``[951, 901, ..., 1]``), 21 becomes 1, so only one step runs.
+    """
+    grid = timestep_grid(scheduler_config, num_inference_steps)
+    num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+    return grid[start_grid_index(grid, start_timestep, num_train_timesteps)]
+
+
 def patch_seed(seed: int, slide_identity: str, row: int, col: int) -> int:
     """Derive a 63-bit generator seed from the run seed and a patch's slide and grid position.
 
