@@ -177,6 +177,21 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     if len(expected) > 1:
         assert inspector_widget.current_cell != first
 
+    # Another score reuses the stored patches: the inspector's z-scores follow it.
+    analysis_widget.score_choice.setCurrentText("mse_latent")
+    earlier_results = analysis.results
+    analysis_widget.show_stored_results()
+    qtbot.waitUntil(lambda: analysis.results is not earlier_results, timeout=60_000)
+    qtbot.waitUntil(lambda: analysis_widget.worker is None, timeout=60_000)
+    shown_record = analysis.patch_record(*inspector_widget.current_cell)
+    assert analysis.results.score_name == "mse_latent"
+    assert inspector_widget.z_label.text() == f"{shown_record['z']:+.2f} ({shown_record['z_eroded']:+.2f})"
+    analysis_widget.score_choice.setCurrentText("lpips")
+    earlier_results = analysis.results
+    analysis_widget.show_stored_results()
+    qtbot.waitUntil(lambda: analysis.results is not earlier_results, timeout=60_000)
+    qtbot.waitUntil(lambda: analysis_widget.worker is None, timeout=60_000)
+
     # 7. Other settings show in the same layers: empty for a new result store, kept threshold, then the
     # first settings' scores again.
     heatmap_layer, anomalies_layer = analysis.heatmap_layer, analysis.anomalies_layer

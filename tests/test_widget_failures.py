@@ -28,15 +28,30 @@ def dock(make_napari_viewer, tmp_path: Path, monkeypatch):
 def test_slide_without_mpp_needs_dock_value(
     dock, qtbot, tcga_slide_path: Path, demo_bundle_dir: Path, monkeypatch
 ) -> None:
+    from napari.utils.notifications import notification_manager
+
     from napari_anopilad.widgets.analysis import MPP_LABEL
 
     viewer, widget = dock
     uncaught: list[BaseException] = []
     monkeypatch.setattr(sys, "excepthook", lambda kind, error, trace: uncaught.append(error))
     viewer.open(str(tcga_slide_path), plugin="napari-anopilad")
+    notified = len(notification_manager.records)
 
-    # Choosing the bundle reads the stored results, which needs the grid and so the resolution.
+    # Choosing the bundle reads the stored results, which needs the grid and so the resolution: the
+    # status line says what to set, and nothing has failed yet.
     widget.set_bundle_folder(demo_bundle_dir)
+    qtbot.waitUntil(lambda: "has no microns per pixel" in widget.status_label.text(), timeout=120_000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+
+    assert widget.status_label.text() == (
+        f"TCGA-CR-7395-01A-01-TS1 has no microns per pixel in its metadata: set '{MPP_LABEL}' to analyse it."
+    )
+    assert not widget.failed
+    assert len(notification_manager.records) == notified
+
+    # Analysing without the resolution fails once, with the fix in the message.
+    widget.start_analysis(whole_slide=False)
     qtbot.waitUntil(lambda: widget.failed, timeout=120_000)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     qtbot.wait(200)
@@ -44,6 +59,7 @@ def test_slide_without_mpp_needs_dock_value(
     status = widget.status_label.text()
     assert status.startswith("Failed: TCGA-CR-7395-01A-01-TS1.svs")
     assert f"set '{MPP_LABEL}' in the Anomaly analysis dock" in status
+    assert len(notification_manager.records) == notified + 1
     assert uncaught == []
     assert widget.analysis is None
 

@@ -97,6 +97,10 @@ class AnalysisRequest:
     triage_neighbours: int = DEFAULT_NEIGHBOUR_RADIUS
 
 
+class MissingResolutionError(SlideError):
+    """The slide has no microns per pixel in its metadata and the dock gives none."""
+
+
 @dataclass
 class Prepared:
     """First message of a run: the patch grid, the store and what it already holds."""
@@ -266,7 +270,7 @@ def analysis_worker(
     # 1. The slide's grid, the bundle and what the store already holds: shown before any model runs.
     slide = opened_slide(request.slide_path, mpp=request.mpp)
     if slide.mpp is None:
-        raise SlideError(
+        raise MissingResolutionError(
             f"{Path(request.slide_path).name}: the slide's resolution (microns per pixel) is not in its "
             f"metadata; set '{MPP_LABEL}' in the Anomaly analysis dock (for example 0.25 for a 40x scan, "
             "0.5 for 20x) and analyse again"
@@ -1068,6 +1072,15 @@ class AnalysisWidget(QWidget):
         self.analysis.show_results(results)
 
     def _on_error(self, error: BaseException) -> None:
+        if self.request is not None and self.request.load_only and isinstance(error, MissingResolutionError):
+            # Reading stored results needs the grid, so a slide without a resolution cannot show any.
+            # That is no failure until the user analyses: the status line says what to set.
+            logger.info("No stored results shown: %s", error)
+            self.status_label.setText(
+                f"{self.slide_choice.currentText()} has no microns per pixel in its metadata: set "
+                f"'{MPP_LABEL}' to analyse it."
+            )
+            return
         logger.error("Analysis failed", exc_info=error)
         show_error(f"The analysis failed: {error}")
         self.status_label.setText(f"Failed: {error}")

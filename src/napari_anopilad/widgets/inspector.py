@@ -187,23 +187,35 @@ class InspectorWidget(QWidget):
             analysis.patch_selected.connect(self.show_patch)
         self.refresh_top_list()
 
-        # Other settings on the same slide: the patch on show is shown again with the new analysis's
-        # scores, so no number from the earlier settings stays on screen.
-        same_slide = (
-            analysis is not None and previous is not None and analysis.slide_layer is previous.slide_layer
+        # Other settings on the same slide and grid: the patch on show is shown again with the new
+        # analysis's scores, so no number from the earlier settings stays on screen. Another grid (another
+        # microns per pixel) puts other pixels under the same cell, so the panel is cleared.
+        same_grid = (
+            analysis is not None
+            and previous is not None
+            and analysis.slide_layer is previous.slide_layer
+            and analysis.grid_shape == previous.grid_shape
+            and analysis.patch_size_level0 == previous.patch_size_level0
         )
-        if same_slide and cell is not None and analysis is not None:
+        if same_grid and cell is not None and analysis is not None:
             self.show_patch(*cell)
         else:
             self._clear_patch()
 
     def _on_results_changed(self) -> None:
         self.refresh_top_list()
-        # A patch shown before it was scored is shown again once its scores arrive.
         analysis, cell = self._analysis, self.current_cell
-        if analysis is not None and cell is not None and not self._shown_scored:
-            if analysis.patch_record(*cell) is not None:
-                self.show_patch(*cell)
+        if analysis is None or cell is None:
+            return
+        record = analysis.patch_record(*cell)
+        if record is None:
+            return
+        if self._shown_scored:
+            # Another score, or within-slide statistics moved by new batches: the z-scores change.
+            self._show_record(record)
+        else:
+            # A patch shown before it was scored is shown again once its scores arrive.
+            self.show_patch(*cell)
 
     def _clear_patch(self) -> None:
         self._shown_scored = False
