@@ -527,7 +527,7 @@ def test_command_slide_list_and_scheduler(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_compile_mode_reaches_worker_scorer(
-    tmp_path: Path, demo_bundle_dir: Path, cmu_slide_path: Path
+    tmp_path: Path, demo_bundle_dir: Path, cmu_slide_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from napari_anopilad.commands.analyze_cohort import add_parser, build_cohort
     from napari_anopilad.engine import cohort
@@ -544,6 +544,7 @@ def test_compile_mode_reaches_worker_scorer(
     assert cohort._model_key(options) != cohort._model_key(eager_options)
     assert model.scorer.compile_mode == "reduce-overhead"
     assert isinstance(model.scorer.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert "reduce-overhead replays CUDA graphs, which need a CUDA device; on cpu" in caplog.text
     with pytest.raises(SystemExit):
         parser.parse_args([str(cmu_slide_path), "--bundle", "b", "--out", "o", "--compile", "fast"])
     cohort._cache.clear()

@@ -113,6 +113,12 @@ class AnoPILaDScorer:
         if self.unet_dtype != torch.float32:
             self.unet = self.unet.to(self.unet_dtype)
         if compile_mode is not None:
+            if compile_mode == "reduce-overhead" and self.device.type != "cuda":
+                logger.warning(
+                    "compile mode reduce-overhead replays CUDA graphs, which need a CUDA device; on %s it "
+                    "compiles as the default mode does",
+                    self.device,
+                )
             # Static shapes: a new batch size (the last, smaller batch of a slide) compiles once more.
             self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
         # The VAE stays in float32 (as loaded): SD1.5's VAE overflows in float16 on some inputs.
