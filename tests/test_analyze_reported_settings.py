@@ -7,11 +7,18 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_anopilad.cli import main
+from napari_anopilad.engine.results import compute_slide_results
+from napari_anopilad.engine.store import ResultStore
+from napari_anopilad.io.heatmap_tiff import read_heatmap_tiff
+from napari_anopilad.io.tables import read_patches_csv
+from napari_anopilad.method.baselines.base import BaselineSettings
 from napari_anopilad.method.bundle import load_bundle
 from napari_anopilad.method.diffusion import grid_start_timestep
+from napari_anopilad.slide import build_patch_grid, open_slide
 
 # Level-0 box over one tissue cell of CMU-1-Small-Region: row 8, col 5 of the 256 px grid.
 ONE_PATCH_REGION = ("1300", "2100", "200", "200")
@@ -112,3 +119,60 @@ def test_analyze_on_grid_start_no_warning(
     assert run["status"] == 0
     assert "--start-timestep" not in run["stderr"]
     assert summary["start_timestep_on_grid"] == 1
+
+
+# The off-grid run's settings differ from the demo bundle's calibration, so its one patch is z-scored
+# within the slide, where one patch gives no standard deviation.
+TOO_FEW_ONE_PATCH = "within-slide (too few patches: 1 scored, 2 with different scores needed)"
+
+
+def test_one_patch_slide_json_too_few(off_grid_run: dict) -> None:
+    summary = off_grid_run["summary"]
+
+    assert summary["n_patches"] == 1
+    assert summary["z_source"] == TOO_FEW_ONE_PATCH
+    assert summary["z_std"] == 0.0
+    assert summary["z_max"] == 0.0
+    assert summary["z_99"] == 0.0
+    assert summary["n_anomalous_patches"] == 0
+
+
+def test_one_patch_csv_and_tiff_zero(off_grid_run: dict) -> None:
+    out = off_grid_run["out"]
+    records = read_patches_csv(out / "patches.csv")
+    tiff = read_heatmap_tiff(out / "heatmap.tif")
+    record = records[0]
+
+    assert len(records) == 1
+    assert record["z"] == 0.0
+    assert record["z_eroded"] == 0.0
+    assert tiff.metadata["z_source"] == TOO_FEW_ONE_PATCH
+    assert tiff.grid[record["row"], record["col"]] == 0.0
+    assert np.count_nonzero(~np.isnan(tiff.grid)) == 1
+
+
+def test_one_patch_summary_warns(off_grid_run: dict) -> None:
+    warnings = [line for line in off_grid_run["stderr"].splitlines() if "z-scores are undefined" in line]
+
+    assert f"z-scores from {TOO_FEW_ONE_PATCH}." in off_grid_run["stdout"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("WARNING: the AnoPILaD z-scores are undefined")
+
+
+def test_equal_scores_too_few(tmp_path: Path, cmu_slide_path: Path) -> None:
+    settings = BaselineSettings("memae", "mse")
+    store = ResultStore(tmp_path, "slide-id", "bundle-id", settings)
+    store.write_batch([(8, 4), (8, 5), (9, 5)], scores={"mse": [0.5, 0.5, 0.5], "l1": [0.1, 0.2, 0.3]})
+    with open_slide(cmu_slide_path) as slide:
+        grid = build_patch_grid(slide)
+
+    results = compute_slide_results(store, grid)
+    by_l1 = compute_slide_results(store, grid, settings=settings.with_overrides(score="l1"))
+
+    assert results.z_source == "within-slide (too few patches: all 3 scores are equal)"
+    assert results.z_std == 0.0
+    assert results.z_mean == 0.5
+    assert results.z.tolist() == [0.0, 0.0, 0.0]
+    assert results.z_max == 0.0
+    assert by_l1.z_source == "within-slide"
+    assert by_l1.z_std > 0

@@ -357,6 +357,7 @@ def _setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary(outputs: AnalysisOutputs) -> None:
     """Print where the outputs are and the slide scores."""
+    from napari_anopilad.engine.results import Z_SOURCE_TOO_FEW, Z_SOURCE_WITHIN_SLIDE
     from napari_anopilad.method.scorers import method_label
 
     if outputs.demo:
@@ -386,13 +387,21 @@ def print_summary(outputs: AnalysisOutputs) -> None:
             f"The {label} slide scores cover {outputs.n_patches / n_tissue:.1%} of the tissue patches "
             "(the triage budget), so they can miss anomalies outside it."
         )
-        if outputs.z_source == "within-slide":
+        if outputs.z_source == Z_SOURCE_WITHIN_SLIDE:
             print(
                 f"WARNING: the {label} z-scores use the mean and standard deviation of the scored patches, "
                 "which triage chose as the most anomalous, so they understate anomalies. Calibrate the "
                 "bundle at these settings (training/06_calibrate.py) or use --triage-budget 1.",
                 file=sys.stderr,
             )
+    if outputs.n_patches > 0 and outputs.z_source.startswith(Z_SOURCE_TOO_FEW):
+        print(
+            f"WARNING: the {label} z-scores are undefined, because z-scores within the slide need at least "
+            f"two patches with different scores ({outputs.z_source}). They are set to 0, so Z_max and Z_99 "
+            "mean nothing. Analyse a larger region or calibrate the bundle at these settings "
+            "(training/06_calibrate.py).",
+            file=sys.stderr,
+        )
     print(f"Outputs in {outputs.out}:")
     for name, path in outputs.files.items():
         print(f"  {name:<20} {path}")

@@ -19,6 +19,21 @@ logger = logging.getLogger(__name__)
 
 Z_SOURCE_CALIBRATION = "calibration"
 Z_SOURCE_WITHIN_SLIDE = "within-slide"
+# Within-slide statistics need two patches with different scores. Without them every z-score is 0 and
+# z_source starts with this text, which the threshold dock looks for.
+Z_SOURCE_TOO_FEW = "within-slide (too few patches"
+
+
+def too_few_patches_source(scores: NDArray[np.float64]) -> str | None:
+    """Return the z_source of scores whose within-slide standard deviation is undefined or 0, else None."""
+    n = len(scores)
+    if n < 2:
+        return f"{Z_SOURCE_TOO_FEW}: {n} scored, 2 with different scores needed)"
+    if np.all(scores == scores[0]):
+        return f"{Z_SOURCE_TOO_FEW}: all {n} scores are equal)"
+    return None
+
+
 _warned_calibrations: set[tuple[str, str]] = set()
 
 
@@ -67,9 +82,12 @@ class SlideResults:
     scores, z, z_eroded : ndarray of float64, shape (n,)
         Per patch: the score, its z-score and the eroded heatmap value at its cell.
     z_source : str
-        ``"calibration"`` or ``"within-slide"``.
+        ``"calibration"``, ``"within-slide"``, or ``"within-slide (too few patches: ...)"`` when fewer than
+        two patches or only equal scores were analysed. The z-scores are then all 0 by convention, so
+        the slide scores mean nothing.
     z_mean, z_std : float
-        The statistics the z-scores used.
+        The statistics the z-scores used: the scores' mean and standard deviation (0) when there are
+        too few patches, 0 and 0 when there is none.
     heatmap, heatmap_eroded : ndarray of float32, shape (rows, cols)
         Z-scores on the patch grid before and after the 2x2 erosion, NaN where no patch was analysed.
     z_max, z_99 : float or None
@@ -137,8 +155,7 @@ def compute_slide_results(
     Raises
     ------
     ValueError
-        If no settings are given with a StoredPatches, or within-slide statistics are needed for a
-        score that is identical on every patch.
+        If no settings are given with a StoredPatches.
     """
     if isinstance(store, ResultStore):
         patches = store.load()
@@ -153,19 +170,20 @@ def compute_slide_results(
     score_name = settings.score
     scores = patches.scores(score_name)
     reference = calibration_reference(bundle, settings) if bundle is not None else None
+    too_few = too_few_patches_source(scores)
     if reference is not None:
         z_mean, z_std = reference
         z_source = Z_SOURCE_CALIBRATION
-    elif len(patches) == 0:
-        z_mean, z_std, z_source = 0.0, 1.0, Z_SOURCE_WITHIN_SLIDE
+        z = heatmap.zscores(scores, z_mean, z_std)
+    elif too_few is not None:
+        z_mean, z_std = heatmap.within_slide_stats(scores) if len(scores) else (0.0, 0.0)
+        z_source = too_few
+        z = np.zeros(len(scores), dtype=np.float64)
     else:
         z_mean, z_std = heatmap.within_slide_stats(scores)
         z_source = Z_SOURCE_WITHIN_SLIDE
-        if z_std == 0:
-            # Every patch has the same score (one patch, or a degenerate model): all z-scores are 0.
-            z_std = 1.0
+        z = heatmap.zscores(scores, z_mean, z_std)
 
-    z = heatmap.zscores(scores, z_mean, z_std)
     grid_z = heatmap.heatmap_grid(tuple(grid.shape), patches.rows, patches.cols, z)
     eroded = heatmap.erode_heatmap(grid_z)
     z_eroded = eroded[patches.rows, patches.cols].astype(np.float64)

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_anopilad.engine.device import is_out_of_memory, release_cached_memory
+from napari_anopilad.engine.results import Z_SOURCE_CALIBRATION, Z_SOURCE_WITHIN_SLIDE, too_few_patches_source
 from napari_anopilad.engine.store import ResultStore
 from napari_anopilad.method.heatmap import within_slide_stats, zscores
 from napari_anopilad.slide import read_patches
@@ -106,7 +107,8 @@ class BatchResult:
         Z-scores of these patches under the statistics known so far (see ``z_source``).
     z_source : str
         ``"calibration"`` (the bundle's statistics of normal patches) or ``"within-slide"``
-        (statistics of the patches finished so far, which change as the run goes on).
+        (statistics of the patches finished so far, which change as the run goes on). Until two
+        finished patches differ in score, ``"within-slide (too few patches: ...)"`` with z-scores of 0.
     n_done, n_total, n_reused : int
         Patches finished (reused ones included), patches the session covers, patches taken from
         the store instead of being computed.
@@ -358,13 +360,18 @@ class AnalysisSession:
             self._n_computed += len(cells)
             n_done = len(self._done_scores)
             all_values = np.fromiter(self._done_scores.values(), dtype=np.float64)
+        too_few = too_few_patches_source(all_values)
         if self.calibration is not None:
             mean, std = self.calibration
-            z_source = "calibration"
+            z_source = Z_SOURCE_CALIBRATION
+            z = zscores(values, mean, std)
+        elif too_few is not None:
+            z_source = too_few
+            z = np.zeros_like(values)
         else:
             mean, std = within_slide_stats(all_values)
-            z_source = "within-slide"
-        z = zscores(values, mean, std) if std > 0 else np.zeros_like(values)
+            z_source = Z_SOURCE_WITHIN_SLIDE
+            z = zscores(values, mean, std)
         elapsed = time.perf_counter() - start
         return BatchResult(
             cells=np.asarray(cells, dtype=np.int64).reshape(-1, 2),
