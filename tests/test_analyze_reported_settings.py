@@ -88,11 +88,11 @@ def test_slide_json_records_grid_start(off_grid_run: dict) -> None:
 
 
 def test_analyze_warns_off_grid_start(off_grid_run: dict) -> None:
-    warnings = [line for line in off_grid_run["stderr"].splitlines() if "--start-timestep" in line]
+    warning_lines = [line for line in off_grid_run["stderr"].splitlines() if "--start-timestep" in line]
 
-    assert len(warnings) == 1
-    assert warnings[0].startswith("WARNING: --start-timestep 21 is not a step of the 20-step denoising grid")
-    assert "timestep 1 " in warnings[0]
+    assert len(warning_lines) == 1
+    assert warning_lines[0].startswith("WARNING: --start-timestep 21 is not a step of the 20-step denoising grid")
+    assert "timestep 1 " in warning_lines[0]
 
 
 def test_analyze_on_grid_start_no_warning(
@@ -152,11 +152,11 @@ def test_one_patch_csv_and_tiff_zero(off_grid_run: dict) -> None:
 
 
 def test_one_patch_summary_warns(off_grid_run: dict) -> None:
-    warnings = [line for line in off_grid_run["stderr"].splitlines() if "z-scores are undefined" in line]
+    warning_lines = [line for line in off_grid_run["stderr"].splitlines() if "z-scores are undefined" in line]
 
     assert f"z-scores from {TOO_FEW_ONE_PATCH}." in off_grid_run["stdout"]
-    assert len(warnings) == 1
-    assert warnings[0].startswith("WARNING: the AnoPILaD z-scores are undefined")
+    assert len(warning_lines) == 1
+    assert warning_lines[0].startswith("WARNING: the AnoPILaD z-scores are undefined")
 
 
 def test_equal_scores_too_few(tmp_path: Path, cmu_slide_path: Path) -> None:
@@ -176,3 +176,21 @@ def test_equal_scores_too_few(tmp_path: Path, cmu_slide_path: Path) -> None:
     assert results.z_max == 0.0
     assert by_l1.z_source == "within-slide"
     assert by_l1.z_std > 0
+
+
+def test_slide_json_compile_null(off_grid_run: dict) -> None:
+    assert off_grid_run["summary"]["compile"] is None
+
+
+def test_slide_json_records_compile(off_grid_run: dict, tmp_path: Path) -> None:
+    arguments = list(off_grid_run["arguments"])
+    arguments[arguments.index("--out") + 1] = str(tmp_path / "out")
+    store = off_grid_run["out"] / "store"
+
+    # Every patch is in the store, so the rerun builds no scorer and compiles nothing.
+    run = _run_analyze(*arguments, "--store", str(store), "--compile", "reduce-overhead")
+    summary = json.loads((tmp_path / "out" / "slide.json").read_text())
+
+    assert run["status"] == 0
+    assert "Reused 1 of 1 patches" in run["stdout"]
+    assert summary["compile"] == "reduce-overhead"

@@ -618,6 +618,7 @@ def analyze(
                 store=store if save_reconstructions else None,
                 triage=triage_results,
                 plan=plan,
+                compile_mode=compile_mode,
             )
 
         return AnalysisOutputs(

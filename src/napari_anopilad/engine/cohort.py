@@ -572,6 +572,7 @@ def finish_slide(plan: SlidePlan, blocks: Sequence[BlockOutcome], options: Cohor
                 store=store if options.save_reconstructions else None,
                 triage=plan.triage,
                 plan=plan.triage_plan,
+                compile_mode=options.compile_mode,
             )
             n_tissue = len(tissue_cells_of(plan.grid, options.region_level0))
             n_anomalous = int(np.count_nonzero(results.mask))

@@ -64,6 +64,7 @@ def write_outputs(
     store: Any | None,
     triage: Any | None = None,
     plan: Any | None = None,
+    compile_mode: str | None = None,
 ) -> dict[str, Path]:
     """Write patches.csv, slide.json, heatmap.tif, overlay.png, regions.geojson and the reconstructions.
 
@@ -86,6 +87,8 @@ def write_outputs(
         the ``triage`` block of slide.json.
     plan : TriagePlan, optional
         The diffusion plan the triage map gave; recorded in slide.json.
+    compile_mode : str, optional
+        The ``torch.compile`` mode of AnoPILaD's UNet, recorded in slide.json; None when not compiling.
     """
     from napari_anopilad.io.heatmap_tiff import write_heatmap_tiff
     from napari_anopilad.io.regions import mask_to_polygons, region_z_max, write_regions_geojson
@@ -102,6 +105,7 @@ def write_outputs(
         n_tissue_patches=n_tissue,
         triage=triage,
         plan=plan,
+        compile_mode=compile_mode,
     )
     label = {"demo": str(bool(bundle.demo)).lower(), "bundle_identity": bundle.identity}
 
@@ -337,6 +341,7 @@ def slide_summary(
     n_tissue_patches: int | None = None,
     triage: Any | None = None,
     plan: Any | None = None,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Build the content of slide.json.
 
@@ -364,6 +369,7 @@ def slide_summary(
         "bundle_identity": bundle.identity,
         "settings": settings.to_dict(),
         "start_timestep_on_grid": start_timestep_on_grid(bundle, settings),
+        "compile": compile_mode,
         "region_level0": list(region_level0) if region_level0 is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
