@@ -540,10 +540,6 @@ def analyze(
                 "and makes no reconstructions; leave the option out"
             )
         check_precision(torch_device, settings.precision)
-        if method == ANOPILAD:
-            warning = start_timestep_warning(bundle, settings)
-            if warning is not None:
-                print(f"WARNING: {warning}", file=sys.stderr)
 
         with open_slide(slide_path, mpp=mpp) as slide:
             tissue_mask = compute_tissue_mask(slide)
@@ -590,6 +586,12 @@ def analyze(
             n_computed = 0
             if n_reused < len(target):
                 # Loading the models takes a while, so it happens only when some patch needs them.
+                # The grid warning comes here too, after every input check and only when patches are scored.
+                if method == ANOPILAD:
+                    given = (overrides or {}).get("start_timestep") is not None
+                    warning = start_timestep_warning(bundle, settings, given)
+                    if warning is not None:
+                        print(f"WARNING: {warning}", file=sys.stderr)
                 logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
                 scorer = make_scorer(bundle, str(torch_device), settings, compile_mode=compile_mode)
                 session = AnalysisSession(
@@ -637,13 +639,17 @@ def analyze(
         )
 
 
-def start_timestep_warning(bundle: Any, settings: Any) -> str | None:
-    """Return a warning when the start timestep is not a step of the denoising grid, else None."""
+def start_timestep_warning(bundle: Any, settings: Any, given: bool = True) -> str | None:
+    """Return a warning when the start timestep is not a step of the denoising grid, else None.
+
+    ``given`` says whether the start timestep came from ``--start-timestep`` or from the bundle.
+    """
     on_grid = bundle.start_timestep_on_grid(settings)
     if on_grid is None or on_grid == settings.start_timestep:
         return None
+    source = "--start-timestep" if given else "the bundle's start timestep"
     return (
-        f"--start-timestep {settings.start_timestep} is not a step of the {settings.num_inference_steps}-step "
+        f"{source} {settings.start_timestep} is not a step of the {settings.num_inference_steps}-step "
         f"denoising grid, so the diffusion starts from the nearest step, timestep {on_grid} "
         "(slide.json records it as start_timestep_on_grid). Choose a grid step or change --steps to start "
         "elsewhere."
