@@ -91,7 +91,9 @@ def test_analyze_warns_off_grid_start(off_grid_run: dict) -> None:
     warning_lines = [line for line in off_grid_run["stderr"].splitlines() if "--start-timestep" in line]
 
     assert len(warning_lines) == 1
-    assert warning_lines[0].startswith("WARNING: --start-timestep 21 is not a step of the 20-step denoising grid")
+    assert warning_lines[0].startswith(
+        "WARNING: --start-timestep 21 is not a step of the 20-step denoising grid"
+    )
     assert "timestep 1 " in warning_lines[0]
 
 

@@ -196,8 +196,8 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     # first settings' scores again.
     heatmap_layer, anomalies_layer = analysis.heatmap_layer, analysis.anomalies_layer
     layer_count = len(viewer.layers)
-    shown = inspector_widget.current_cell
-    assert shown is not None
+    inspected_cell = inspector_widget.current_cell
+    assert inspected_cell is not None
     first_start = analysis_widget.start_timestep.value()
     analysis_widget.start_timestep.setValue(first_start - 100)
     analysis_widget.show_stored_results()
@@ -212,7 +212,7 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     assert other.threshold == analysis.threshold
     assert inspector_widget.top_list.count() == 0
     # The inspector shows the same patch, unscored under these settings, with no earlier number left.
-    assert inspector_widget.current_cell == shown
+    assert inspector_widget.current_cell == inspected_cell
     assert inspector_widget.title_label.text().endswith("not analysed yet")
     assert inspector_widget.lpips_label.text() == "-"
     assert inspector_widget.z_label.text() == "-"
@@ -225,8 +225,8 @@ def test_visible_region_analysis(plugin_viewer, qtbot, tmp_path: Path) -> None:
     again = analyses_for(viewer).current
     assert again.heatmap_layer is heatmap_layer
     assert inspector_widget.top_list.count() == len(expected)
-    assert inspector_widget.current_cell == shown
-    assert inspector_widget.lpips_label.text() == f"{again.patch_record(*shown)['lpips']:.4f}"
+    assert inspector_widget.current_cell == inspected_cell
+    assert inspector_widget.lpips_label.text() == f"{again.patch_record(*inspected_cell)['lpips']:.4f}"
     # The inspected patch was scored again alone for its reconstruction, which moves its score by float
     # rounding only (a batch of one instead of four).
     np.testing.assert_allclose(

@@ -38,8 +38,8 @@ def test_slide_without_mpp_needs_dock_value(
     viewer.open(str(tcga_slide_path), plugin="napari-anopilad")
     notified = len(notification_manager.records)
 
-    # Choosing the bundle reads the stored results, which needs the grid and so the resolution: the
-    # status line says what to set, and nothing has failed yet.
+    # Choosing the bundle reads the stored results, which needs the grid and so the resolution. The
+    # status line names what to set, and nothing has failed yet.
     widget.set_bundle_folder(demo_bundle_dir)
     qtbot.waitUntil(lambda: "has no microns per pixel" in widget.status_label.text(), timeout=120_000)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)

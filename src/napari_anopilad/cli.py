@@ -94,7 +94,7 @@ class OutputFolders:
             try:
                 path.rmdir()
             except OSError:
-                # The folder holds files that the work wrote, or is already gone, so it stays.
+                # The folder contains files that the run wrote, or is already gone, so it stays.
                 continue
         self._created.clear()
 

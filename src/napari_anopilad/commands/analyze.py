@@ -480,10 +480,11 @@ def analyze(
     Raises
     ------
     CommandError, ValueError, FileNotFoundError
-        For a missing or unreadable slide or bundle, an output or store folder that cannot be created or
-        written to, an unknown mpp without ``mpp``, a region outside the slide or without tissue, an
-        unavailable device, or ``triage`` with a bundle that has no valid triage reference, or
-        ``compile_mode`` with a comparison method's bundle. Each message names the value and the fix.
+        For a missing or unreadable slide or bundle, or an output or store folder that cannot be created
+        or written to. Also for an unknown mpp without ``mpp``, a region outside the slide or without
+        tissue, or an unavailable device. Also for ``triage`` with a bundle that has no valid triage
+        reference, and for ``compile_mode`` with a comparison method's bundle. Each message names the
+        value and the fix.
     """
     from napari_anopilad.engine.device import check_precision, choose_device, describe_device
     from napari_anopilad.engine.results import calibration_reference, compute_slide_results
@@ -588,8 +589,8 @@ def analyze(
                 # Loading the models takes a while, so it happens only when some patch needs them.
                 # The grid warning comes here too, after every input check and only when patches are scored.
                 if method == ANOPILAD:
-                    given = (overrides or {}).get("start_timestep") is not None
-                    warning = start_timestep_warning(bundle, settings, given)
+                    from_flag = (overrides or {}).get("start_timestep") is not None
+                    warning = start_timestep_warning(bundle, settings, from_flag)
                     if warning is not None:
                         print(f"WARNING: {warning}", file=sys.stderr)
                 logger.info("Scoring on %s with %s", describe_device(torch_device), settings)
@@ -639,15 +640,15 @@ def analyze(
         )
 
 
-def start_timestep_warning(bundle: Any, settings: Any, given: bool = True) -> str | None:
+def start_timestep_warning(bundle: Any, settings: Any, from_flag: bool = True) -> str | None:
     """Return a warning when the start timestep is not a step of the denoising grid, else None.
 
-    ``given`` says whether the start timestep came from ``--start-timestep`` or from the bundle.
+    ``from_flag`` is True when the start timestep came from ``--start-timestep``, False for the bundle's.
     """
     on_grid = bundle.start_timestep_on_grid(settings)
     if on_grid is None or on_grid == settings.start_timestep:
         return None
-    source = "--start-timestep" if given else "the bundle's start timestep"
+    source = "--start-timestep" if from_flag else "the bundle's start timestep"
     return (
         f"{source} {settings.start_timestep} is not a step of the {settings.num_inference_steps}-step "
         f"denoising grid, so the diffusion starts from the nearest step, timestep {on_grid} "

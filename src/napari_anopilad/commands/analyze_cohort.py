@@ -126,8 +126,8 @@ def expand_slide_folders(paths: list[Path]) -> list[Path]:
     cannot be listed or contains no slide file.
     """
     expanded: list[Path] = []
-    for given in paths:
-        path = given.expanduser()
+    for named in paths:
+        path = named.expanduser()
         if not path.is_dir():
             expanded.append(path)
             continue

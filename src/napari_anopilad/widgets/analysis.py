@@ -1074,7 +1074,7 @@ class AnalysisWidget(QWidget):
     def _on_error(self, error: BaseException) -> None:
         if self.request is not None and self.request.load_only and isinstance(error, MissingResolutionError):
             # Reading stored results needs the grid, so a slide without a resolution cannot show any.
-            # That is no failure until the user analyses: the status line says what to set.
+            # That is no failure until the user analyses, so the status line only names what to set.
             logger.info("No stored results shown: %s", error)
             self.status_label.setText(
                 f"{self.slide_choice.currentText()} has no microns per pixel in its metadata: set "
